@@ -1,0 +1,46 @@
+# The two commands: `make run` (the whole system, embedded Valkey + Kafka) and `make test` (the whole suite).
+# Both create or update .venv first; nothing else is installed by hand.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+KAFKA_VERSION := 4.4.0
+KAFKA_JAR := .cache/kafka/$(KAFKA_VERSION)/libs/kafka_2.13-$(KAFKA_VERSION).jar
+
+.PHONY: install run test proto bench clean
+
+install: $(VENV)/.installed kafka-jars
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[server]'
+	@touch $@
+
+# The real Apache Kafka broker (KRaft) from Maven Central, fetched once into an ignored cache folder.
+kafka-jars:
+	@if [ -f $(KAFKA_JAR) ]; then :; \
+	elif command -v java >/dev/null && command -v mvn >/dev/null; then \
+		echo "fetching Apache Kafka $(KAFKA_VERSION) jars with Maven into .cache/kafka/$(KAFKA_VERSION)/libs"; \
+		mvn -q -B -f infra/kafka/pom.xml dependency:copy-dependencies \
+			-DoutputDirectory=$(CURDIR)/.cache/kafka/$(KAFKA_VERSION)/libs -DincludeScope=runtime \
+			-Dkafka.version=$(KAFKA_VERSION) || exit 1; \
+	else \
+		echo "Java 17 or Maven not found: hbreg up will use the Tansu fallback broker (the tests need Kafka)"; \
+	fi
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(BIN)/pip install --quiet -e '.[test]'
+	@touch $@
+
+run: install
+	$(BIN)/hbreg up --demo 20
+
+test: install $(VENV)/.installed-test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+proto: $(VENV)/.installed-test
+	$(BIN)/python proto/generate.py
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .hypothesis

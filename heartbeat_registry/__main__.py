@@ -1,0 +1,3 @@
+from heartbeat_registry.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,225 @@
+"""`hbreg`: the command line. It parses arguments and calls the module that does the work."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from heartbeat_registry.errors import HeartbeatRegistryError
+from heartbeat_registry.settings import Settings
+
+STATUSES = ("IDLE", "RUNNING", "COMPLETED", "FAILED", "STOPPING")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number > 0, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text}")
+    return value
+
+
+def _settings(args: argparse.Namespace, *, use_state: bool = True) -> Settings:
+    return Settings.from_env(
+        use_state=use_state,
+        grpc_addr=getattr(args, "grpc_addr", None),
+        redis_url=getattr(args, "redis_url", None),
+        kafka_bootstrap=getattr(args, "kafka_bootstrap", None),
+    )
+
+
+# commands --------------------------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from heartbeat_registry import ops, supervisor
+
+    settings = _settings(args, use_state=False)
+    ops.setup_logging("up", settings.log_level)
+    return asyncio.run(supervisor.up(settings, demo=args.demo, demo_stall_fraction=args.demo_stall_fraction))
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from heartbeat_registry.simulate import run_fleet
+
+    settings = _settings(args)
+    print(
+        f"simulating {args.agents} agents against {settings.grpc_addr}, one beat every {args.interval} s"
+        f" ({round(args.agents * args.stall_fraction)} of them stall now and then)",
+        flush=True,
+    )
+    try:
+        asyncio.run(
+            run_fleet(settings.grpc_addr, args.agents, args.interval, args.stall_fraction,
+                      settings.stall_timeout, prefix=args.prefix, seed=args.seed)
+        )
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    import grpc
+
+    from heartbeat_registry.pb import hb, hb_grpc
+    from heartbeat_registry.shapes import reply_json
+
+    settings = _settings(args)
+    beat = hb.Heartbeat(
+        agent_id=args.agent,
+        task_id=args.task,
+        status=hb.Status.Value(args.status),
+        timestamp=time.time_ns() // 1_000_000,
+        cpu_util=args.cpu,
+        seq=1,
+    )
+    if args.progress is not None:
+        beat.progress = args.progress
+    with grpc.insecure_channel(settings.grpc_addr) as channel:
+        stub = hb_grpc.HeartbeatServiceStub(channel)
+        try:
+            reply = stub.Beat(beat, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"hbreg send: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(json.dumps(reply_json(reply)))
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from heartbeat_registry.events import print_events
+
+    settings = _settings(args)
+    settings.require("kafka_bootstrap")
+    try:
+        asyncio.run(print_events(settings, follow=args.follow, as_json=args.json))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _serve(proc: str, args: argparse.Namespace, main: Callable[[Settings], object]) -> int:
+    from heartbeat_registry import ops
+
+    settings = _settings(args)
+    ops.setup_logging(proc, settings.log_level)
+    ops.install_uvloop()
+    asyncio.run(main(settings))
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from ingest.server import serve
+
+    return _serve("ingest", args, serve)
+
+
+def cmd_bridge(args: argparse.Namespace) -> int:
+    from processors.bridge import serve
+
+    return _serve("bridge", args, lambda s: serve(s, args.name))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from processors.worker import run
+
+    return run(_settings(args))
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    from heartbeat_registry import services
+
+    return services.run(args.service, _settings(args, use_state=False))
+
+
+# parser ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--grpc-addr", help="ingest address (HBREG_GRPC_ADDR)")
+    common.add_argument("--redis-url", help="Redis/Valkey URL (HBREG_REDIS_URL)")
+    common.add_argument("--kafka-bootstrap", help="Kafka bootstrap servers (HBREG_KAFKA_BOOTSTRAP)")
+
+    parser = argparse.ArgumentParser(prog="hbreg", description="Heartbeat Registry")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("up", parents=[common], help="run the whole system (embedded Valkey and Kafka by default)")
+    p.add_argument("--demo", type=_positive_int, default=0, metavar="N", help="also run N simulated agents")
+    p.add_argument("--demo-stall-fraction", type=_fraction, default=0.15, metavar="F", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("simulate", parents=[common], help="run simulated agents against a running ingest")
+    p.add_argument("--agents", type=_positive_int, required=True, metavar="N")
+    p.add_argument("--interval", type=_seconds, required=True, metavar="SECONDS")
+    p.add_argument("--stall-fraction", type=_fraction, default=0.0, metavar="F")
+    p.add_argument("--prefix", default="sim", help="agent id prefix")
+    p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable fleets")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("events", parents=[common], help="print stall/recovery events from agent-events")
+    p.add_argument("--follow", action="store_true", help="keep printing new events")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_events)
+
+    p = sub.add_parser("send", parents=[common], help="send one heartbeat (a debugging aid)")
+    p.add_argument("--agent", required=True)
+    p.add_argument("--task", default="")
+    p.add_argument("--status", required=True, choices=STATUSES, type=str.upper)
+    p.add_argument("--cpu", type=float, required=True)
+    p.add_argument("--progress", type=float, default=None)
+    p.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to wait for the reply")
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("ingest", parents=[common], help="run the gRPC ingest server")
+    p.set_defaults(func=cmd_ingest)
+    p = sub.add_parser("bridge", parents=[common], help="run the Redis Streams -> Kafka bridge")
+    p.add_argument("--name", default="bridge-1", help="consumer name in the Redis consumer group")
+    p.set_defaults(func=cmd_bridge)
+    p = sub.add_parser("worker", parents=[common], help="run a faust processing worker")
+    p.set_defaults(func=cmd_worker)
+    p = sub.add_parser("service", parents=[common], help="run an embedded service (used by `hbreg up`)")
+    p.add_argument("service", choices=("valkey", "kafka"))
+    p.set_defaults(func=cmd_service)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except HeartbeatRegistryError as exc:
+        print(f"hbreg: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        logging.shutdown()

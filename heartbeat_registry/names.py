@@ -1,0 +1,69 @@
+"""Every Redis key, Kafka topic and consumer-group name, derived from the settings in one place.
+
+Stream shards carry a hash tag (`{s3}`) so that a shard's stream, registry and fence keys share one
+Redis Cluster slot; a shard write is then one pipelined round trip to one node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from heartbeat_registry.settings import Settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Names:
+    key_prefix: str
+    topic_prefix: str
+    shards: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> Names:
+        return cls(settings.key_prefix, settings.topic_prefix, settings.stream_shards)
+
+    # Redis
+    def stream(self, shard: int) -> str:
+        """Heartbeat batches of the agents of one shard (entries: field `b` = HeartbeatColumns)."""
+        return f"{self.key_prefix}:{{s{shard}}}:stream"
+
+    def latest(self, shard: int) -> str:
+        """Hash agent_id -> latest heartbeat of that agent (see ingest.registry for the value)."""
+        return f"{self.key_prefix}:{{s{shard}}}:latest"
+
+    def fenced(self, shard: int) -> str:
+        """Hash agent_id -> 'task_id epoch' of the task taken away from it by a reassignment."""
+        return f"{self.key_prefix}:{{s{shard}}}:fenced"
+
+    def streams(self) -> list[str]:
+        return [self.stream(i) for i in range(self.shards)]
+
+    @property
+    def bridge_group(self) -> str:
+        return f"{self.topic_prefix}bridge"
+
+    # Kafka
+    @property
+    def heartbeats_topic(self) -> str:
+        return f"{self.topic_prefix}heartbeats"
+
+    @property
+    def events_topic(self) -> str:
+        return f"{self.topic_prefix}agent-events"
+
+    @property
+    def processors_app_id(self) -> str:
+        return f"{self.topic_prefix}hbreg-processors"
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def partition_of(agent_id: str, count: int) -> int:
+    """Kafka's default partitioner (murmur2 of the key), so a record keyed by agent_id would land here.
+
+    The ingest shards streams with it and the bridge picks Kafka partitions with it: an agent's
+    heartbeats always travel one shard and one partition, in order. Cached because the fleet's agent
+    ids repeat every beat and murmur2 is pure Python.
+    """
+    from aiokafka.partitioner import murmur2
+
+    return (murmur2(agent_id.encode()) & 0x7FFFFFFF) % count

@@ -1,0 +1,189 @@
+"""One typed settings object, read from `HBREG_*` environment variables and validated once at start.
+
+A malformed value stops start-up with one line naming the variable and what it expects, because a
+service that starts on a half-understood configuration fails later in a much less obvious way.
+Addresses of the embedded services come, in order, from the environment, from the state file that
+`hbreg up` writes, or are left unset (then `hbreg up` starts its own).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pathlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from heartbeat_registry.errors import ConfigError
+
+PREFIX = "HBREG_"
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError
+    return value
+
+
+def _address(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError
+    return text
+
+
+def _redis_url(text: str) -> str:
+    if not text.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError
+    return text
+
+
+def _bootstrap(text: str) -> str:
+    for part in text.split(","):
+        _address(part.strip())
+    return text
+
+
+def _prefix(text: str) -> str:
+    if not all(c.isalnum() or c in "._-" for c in text):
+        raise ValueError
+    return text
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError
+    return value
+
+
+def _level(text: str) -> str:
+    if text.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError
+    return text.upper()
+
+
+# name -> (parser, what the variable expects, in words)
+_PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
+    "seconds": (_seconds, "a number of seconds > 0"),
+    "count": (_positive_int, "a whole number > 0"),
+    "address": (_address, "HOST:PORT"),
+    "redis_url": (_redis_url, "a redis:// rediss:// or unix:// URL"),
+    "bootstrap": (_bootstrap, "HOST:PORT[,HOST:PORT...]"),
+    "prefix": (_prefix, "letters, digits, '.', '_' or '-'"),
+    "fraction": (_fraction, "a number from 0 to 1"),
+    "path": (pathlib.Path, "a path"),
+    "level": (_level, "one of DEBUG, INFO, WARNING, ERROR"),
+}
+
+
+def _field(default: Any, kind: str, doc: str) -> Any:
+    return dataclasses.field(default=default, metadata={"kind": kind, "doc": doc})
+
+
+def _default_state_dir() -> pathlib.Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return pathlib.Path(base) / "hbreg"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every `HBREG_*` variable; the field name upper-cased is the variable name."""
+
+    grpc_addr: str = _field("127.0.0.1:50051", "address", "where the ingest serves gRPC")
+    redis_url: str | None = _field(None, "redis_url", "Redis/Valkey; unset: `hbreg up` starts Valkey")
+    kafka_bootstrap: str | None = _field(None, "bootstrap", "Kafka brokers; unset: `hbreg up` starts Kafka")
+    stall_timeout: float = _field(5.0, "seconds", "seconds of silence after which an agent that has not left is stalled")
+    topic_partitions: int = _field(8, "count", "partitions of the `heartbeats` and `agent-events` topics")
+    stream_shards: int = _field(8, "count", "Redis stream shards (hash-tagged, ready for Redis Cluster)")
+    stream_retention: float = _field(3600.0, "seconds", "Redis stream entries older than this are trimmed")
+    window_size: float = _field(10.0, "seconds", "tumbling window of the per-agent health table")
+    watermark_interval: float = _field(0.1, "seconds", "how often the bridge sends watermark ticks")
+    watermark_slack: float = _field(0.2, "seconds", "allowed receive-to-Redis delay the watermark trails by")
+    key_prefix: str = _field("hbreg", "prefix", "prefix of every Redis key")
+    topic_prefix: str = _field("", "prefix", "prefix of every Kafka topic and consumer group")
+    state_dir: pathlib.Path = _field(_default_state_dir(), "path", "where `hbreg up` keeps state and data")
+    ingest_metrics_addr: str = _field("127.0.0.1:9464", "address", "ingest /metrics and /healthz")
+    bridge_metrics_addr: str = _field("127.0.0.1:9465", "address", "bridge /metrics and /healthz")
+    worker_web_addr: str = _field("127.0.0.1:6066", "address", "faust worker web server (/metrics)")
+    log_level: str = _field("INFO", "level", "log level of every process")
+
+    @classmethod
+    def from_env(
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        use_state: bool = True,
+        **overrides: Any,
+    ) -> Settings:
+        """Parse the environment; CLI flags come in as `overrides` (None means 'not given')."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            var = PREFIX + field.name.upper()
+            raw = env.get(var)
+            if raw is None or raw == "":
+                continue
+            parse, expects = _PARSERS[field.metadata["kind"]]
+            try:
+                values[field.name] = parse(raw.strip())
+            except (ValueError, TypeError):
+                raise ConfigError(f"{var}={raw!r}: expected {expects}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        if use_state:
+            settings = settings.with_state_file()
+        return settings
+
+    def with_state_file(self) -> Settings:
+        """Fill unset service addresses from what a running `hbreg up` recorded."""
+        from heartbeat_registry import state
+
+        recorded = state.read(self.state_dir)
+        if not recorded:
+            return self
+        fill = {
+            name: recorded[name]
+            for name in ("redis_url", "kafka_bootstrap")
+            if getattr(self, name) is None and recorded.get(name)
+        }
+        return dataclasses.replace(self, **fill) if fill else self
+
+    def require(self, *names: str) -> None:
+        """Fail with one clear line when a service address is neither configured nor recorded."""
+        for name in names:
+            if getattr(self, name) is None:
+                raise ConfigError(
+                    f"{PREFIX}{name.upper()} is not set and no running `hbreg up` was found "
+                    f"(state file {self.state_dir / 'state.json'})"
+                )
+
+    def child_env(self) -> dict[str, str]:
+        """The settings as environment variables, for the processes `hbreg up` starts."""
+        out = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is not None:
+                out[PREFIX + field.name.upper()] = str(value)
+        return out
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) for every setting: the README table is checked against this."""
+    rows = []
+    for field in dataclasses.fields(Settings):
+        default = field.default
+        shown = "(unset)" if default is None else str(default)
+        if field.name == "state_dir":
+            shown = "$XDG_STATE_HOME/hbreg or ~/.local/state/hbreg"
+        rows.append((PREFIX + field.name.upper(), shown, field.metadata["doc"]))
+    return rows

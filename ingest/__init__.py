@@ -1,0 +1,1 @@
+"""The ingest node: gRPC heartbeats in, durable Redis Streams entries out."""

@@ -1,0 +1,16 @@
+"""Prometheus metrics of the ingest node."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+ACCEPTED = Counter("hbreg_ingest_heartbeats_accepted_total", "Heartbeats durable in Redis", ["rpc"])
+REFUSED = Counter("hbreg_ingest_heartbeats_refused_total", "Heartbeats refused", ["rpc", "reason"])
+BATCH_SIZE = Histogram(
+    "hbreg_ingest_batch_size", "Heartbeats per BeatBatch request", buckets=(1, 10, 50, 100, 250, 500, 1000, 5000)
+)
+REDIS_ROUNDTRIP = Histogram(
+    "hbreg_ingest_redis_roundtrip_seconds",
+    "One group-commit round trip to Redis",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+ACTIVE_STREAMS = Gauge("hbreg_ingest_active_streams", "Open BeatStream calls")
+REDIS_UP = Gauge("hbreg_ingest_redis_up", "1 while Redis answers")

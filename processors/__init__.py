@@ -1,0 +1,1 @@
+"""The processing stage: the Redis Streams -> Kafka bridge and the faust-streaming workers."""

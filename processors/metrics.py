@@ -1,0 +1,16 @@
+"""Prometheus metrics of the bridge and the faust workers."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+BRIDGE_FORWARDED = Counter("hbreg_bridge_heartbeats_forwarded_total", "Heartbeats produced to Kafka and XACKed")
+BRIDGE_SEND = Histogram(
+    "hbreg_bridge_kafka_send_seconds",
+    "Time until Kafka acknowledged one forward cycle",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+BRIDGE_WATERMARK_AGE = Gauge("hbreg_bridge_watermark_age_seconds", "Wall clock minus the bridge's watermark")
+
+WORKER_HEARTBEATS = Counter("hbreg_worker_heartbeats_total", "Heartbeats processed by this worker")
+WORKER_EVENTS = Counter("hbreg_worker_events_total", "Events emitted", ["type", "reason"])
+WORKER_AGENTS = Gauge("hbreg_worker_agents", "Agents tracked on this worker's partitions")
+WORKER_WATERMARK_AGE = Gauge("hbreg_worker_watermark_age_seconds", "Wall clock minus the newest watermark seen")

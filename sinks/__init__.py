@@ -1,0 +1,1 @@
+"""Consumers of `agent-events`: the reassignment sink and the Alertmanager sink (later issues)."""

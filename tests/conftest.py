@@ -1,0 +1,92 @@
+"""Real services for the whole test session: one Valkey and one Apache Kafka broker (KRaft), started
+once on free ports with data in a temp dir. Tests isolate themselves by key and topic prefix.
+
+A missing binary is an error, not a silent skip: the Kafka broker is required, and every other
+optional binary (Tansu) fails the run when CI=true.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from heartbeat_registry import embedded
+from heartbeat_registry.settings import Settings
+from tests import procs
+
+
+def require_binary(available: bool, what: str) -> None:
+    """Skip loudly where a system binary is missing; in CI that skip fails the run."""
+    if available:
+        return
+    message = f"MISSING BINARY: {what}"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(message + " (CI=true: missing binaries fail the run)")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def valkey_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = embedded.free_port()
+    proc = subprocess.Popen(
+        embedded.valkey_command(port, tmp_path_factory.mktemp("valkey"), durable=False),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        embedded.wait_port("127.0.0.1", port, 15, "valkey")
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        procs.stop(proc)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if not embedded.kafka_available():
+        pytest.fail(f"the tests need the real Apache Kafka broker, but {embedded.why_not_kafka()}")
+    port = embedded.free_port()
+    data = tmp_path_factory.mktemp("kafka")
+    log = open(data / "broker.log", "wb")
+    proc = subprocess.Popen(embedded.kafka_command(port, data), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        embedded.wait_port("127.0.0.1", port, 60, "kafka")
+        yield f"127.0.0.1:{port}"
+    finally:
+        procs.stop(proc)
+        log.close()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return "t" + uuid.uuid4().hex[:10]
+
+
+def make_settings(tmp_path, prefix: str, **values) -> Settings:
+    return Settings(
+        grpc_addr=f"127.0.0.1:{embedded.free_port()}",
+        key_prefix=prefix,
+        topic_prefix=prefix + "-",
+        state_dir=tmp_path / "state",
+        ingest_metrics_addr=f"127.0.0.1:{embedded.free_port()}",
+        bridge_metrics_addr=f"127.0.0.1:{embedded.free_port()}",
+        worker_web_addr=f"127.0.0.1:{embedded.free_port()}",
+        **values,
+    )
+
+
+@pytest.fixture
+def settings(tmp_path, prefix: str, valkey_url: str) -> Settings:
+    """Redis only; tests that need Kafka use `pipeline_settings`."""
+    return make_settings(tmp_path, prefix, redis_url=valkey_url)
+
+
+@pytest.fixture
+def pipeline_settings(settings: Settings, kafka_bootstrap: str) -> Settings:
+    return dataclasses.replace(
+        settings, kafka_bootstrap=kafka_bootstrap, topic_partitions=4, stream_shards=4, stall_timeout=2.0
+    )

@@ -1,0 +1,95 @@
+"""`hbreg up` as a user runs it: embedded Valkey and Kafka, the demo fleet, a second terminal, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from heartbeat_registry import embedded
+
+pytestmark = pytest.mark.kafka
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie waiting for its parent counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def hbreg(*args: str, env: dict, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "heartbeat_registry", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_up_runs_the_demo_and_stops_cleanly(tmp_path) -> None:
+    if not embedded.kafka_available():
+        pytest.fail(f"needs the real Apache Kafka broker: {embedded.why_not_kafka()}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HBREG_")}
+    env.update(
+        HBREG_STATE_DIR=str(tmp_path / "state"),
+        HBREG_GRPC_ADDR=f"127.0.0.1:{embedded.free_port()}",
+        HBREG_INGEST_METRICS_ADDR=f"127.0.0.1:{embedded.free_port()}",
+        HBREG_BRIDGE_METRICS_ADDR=f"127.0.0.1:{embedded.free_port()}",
+        HBREG_WORKER_WEB_ADDR=f"127.0.0.1:{embedded.free_port()}",
+        HBREG_STALL_TIMEOUT="2",
+        HBREG_TOPIC_PARTITIONS="2",
+        PYTHONUNBUFFERED="1",
+    )
+    state_file = tmp_path / "state" / "state.json"
+    log = open(tmp_path / "up.log", "w")
+    up = subprocess.Popen([sys.executable, "-m", "heartbeat_registry", "up", "--demo", "4"], env=env,
+                          stdout=log, stderr=subprocess.STDOUT)
+    follower = None
+    try:
+        started = time.monotonic()
+        while not state_file.exists():
+            assert up.poll() is None, (tmp_path / "up.log").read_text()
+            assert time.monotonic() - started < 60, "hbreg up took more than 60 s"
+            time.sleep(0.2)
+        state = json.loads(state_file.read_text())
+        assert state["broker"] == "kafka"
+        assert set(state["processes"]) == {"valkey", "kafka", "ingest", "bridge", "worker"}
+
+        # a second terminal finds the running system through the state file
+        sent = hbreg("send", "--agent", "cli-agent", "--task", "t1", "--status", "RUNNING", "--cpu", "0.4", env=env)
+        assert sent.returncode == 0, sent.stderr
+        assert json.loads(sent.stdout)["received_ms"] > 0
+        refused = hbreg("send", "--agent", "cli-agent", "--status", "RUNNING", "--cpu", "1.5", env=env)
+        assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr and "cpu_util" in refused.stderr
+
+        follower = subprocess.Popen([sys.executable, "-m", "heartbeat_registry", "events", "--follow", "--json"],
+                                    env=env, stdout=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        stall = None
+        while stall is None and time.monotonic() < deadline:
+            line = follower.stdout.readline()
+            if line:
+                event = json.loads(line)
+                if event["type"] == "stall" and event["agent_id"].startswith("sim-"):
+                    stall = event
+        assert stall is not None, "no stall event from the demo fleet"
+        assert {"type", "agent_id", "task_id", "reason", "last_seen_ms", "detected_at_ms"} <= set(stall)
+        assert stall["reason"] == "silent" and stall["detected_at_ms"] >= stall["last_seen_ms"] + 2000
+    finally:
+        if follower:
+            follower.kill()
+            follower.wait()
+        up.send_signal(signal.SIGTERM)
+        code = up.wait(60)
+        log.close()
+    assert code == 0, (tmp_path / "up.log").read_text()[-3000:]
+    left = [name for name, pid in state["processes"].items() if alive(pid)]
+    assert not left, f"still running after SIGTERM: {left}"
+    assert not state_file.exists()

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+
+from heartbeat_registry.pb import hb_grpc
+from heartbeat_registry.settings import Settings
+from ingest.server import Ingest
+
+
+@pytest.fixture
+async def ingest(settings: Settings) -> AsyncIterator[Ingest]:
+    node = Ingest(settings)
+    await node.start()
+    try:
+        yield node
+    finally:
+        await node.stop(grace=1.0)
+
+
+@pytest.fixture
+async def stub(ingest: Ingest, settings: Settings) -> AsyncIterator[hb_grpc.HeartbeatServiceStub]:
+    async with grpc.aio.insecure_channel(settings.grpc_addr) as channel:
+        yield hb_grpc.HeartbeatServiceStub(channel)
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()

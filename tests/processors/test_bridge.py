@@ -1,0 +1,141 @@
+"""The bridge between a real Valkey and a real Kafka broker."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import signal
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
+
+from heartbeat_registry.names import Names, partition_of
+from heartbeat_registry.pb import hb, hb_grpc
+from heartbeat_registry.settings import Settings
+from ingest.server import Ingest
+from processors.bridge import Bridge
+from processors.topics import ensure_topics
+from tests import procs
+from tests.kafka_helpers import columns, eventually, read_records
+
+pytestmark = pytest.mark.kafka
+
+
+def batch(start: int, count: int) -> hb.BeatBatchRequest:
+    """`count` heartbeats with unique agent timestamps (start..start+count-1), over 50 agents."""
+    return hb.BeatBatchRequest(
+        heartbeats=[
+            hb.Heartbeat(agent_id=f"agent-{n % 50}", task_id="t", status=hb.RUNNING, timestamp=n, cpu_util=0.5)
+            for n in range(start, start + count)
+        ]
+    )
+
+
+def delivered(records: list) -> collections.Counter:
+    out: collections.Counter = collections.Counter()
+    for cols in columns(records):
+        out.update(cols.timestamp)
+    return out
+
+
+async def run_bridge(settings: Settings, stop: asyncio.Event, consumer: str = "bridge-1") -> Bridge:
+    names = Names.of(settings)
+    await ensure_topics(settings.kafka_bootstrap, names, settings.topic_partitions)
+    client = aioredis.Redis.from_url(settings.redis_url)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=2)
+    await producer.start()
+    bridge = Bridge(client, producer, names, settings.topic_partitions, consumer, 0.1, 0.2)
+    await bridge.setup()
+
+    async def loop() -> None:
+        try:
+            await bridge.run(stop)
+        finally:
+            await producer.stop()
+            await client.aclose()
+
+    bridge.task = asyncio.create_task(loop())  # type: ignore[attr-defined]
+    return bridge
+
+
+@pytest.mark.parametrize("shards", [4, 3])
+async def test_every_acknowledged_heartbeat_once(pipeline_settings: Settings, shards: int) -> None:
+    settings = dataclasses.replace(pipeline_settings, stream_shards=shards)
+    names = Names.of(settings)
+    ingest = Ingest(settings)
+    await ingest.start()
+    stop = asyncio.Event()
+    bridge = await run_bridge(settings, stop)
+    try:
+        async with grpc.aio.insecure_channel(settings.grpc_addr) as channel:
+            stub = hb_grpc.HeartbeatServiceStub(channel)
+            for start in range(1, 5001, 500):
+                await stub.BeatBatch(batch(start, 500))
+        records = await read_records(
+            settings.kafka_bootstrap, names.heartbeats_topic, lambda rs: sum(delivered(rs).values()) >= 5000
+        )
+    finally:
+        stop.set()
+        await bridge.task
+        await ingest.stop()
+    counts = delivered(records)
+    assert set(counts) == set(range(1, 5001))
+    assert set(counts.values()) == {1}, "a heartbeat was delivered twice without a crash"
+    for record, cols in zip(records, columns(records)):
+        assert {partition_of(a, settings.topic_partitions) for a in cols.agent_id} <= {record.partition}
+        assert cols.watermark_ms > 0
+
+
+async def test_idle_partitions_get_watermark_ticks(pipeline_settings: Settings) -> None:
+    names = Names.of(pipeline_settings)
+    stop = asyncio.Event()
+    bridge = await run_bridge(pipeline_settings, stop)
+    try:
+        records = await read_records(
+            pipeline_settings.kafka_bootstrap, names.heartbeats_topic,
+            lambda rs: {r.partition for r in rs} == set(range(pipeline_settings.topic_partitions)) and len(rs) > 20,
+        )
+    finally:
+        stop.set()
+        await bridge.task
+    per_partition = collections.defaultdict(list)
+    for record, cols in zip(records, columns(records)):
+        assert not cols.agent_id
+        per_partition[record.partition].append(cols.watermark_ms)
+    for marks in per_partition.values():
+        assert marks == sorted(marks) and marks[-1] > marks[0]
+
+
+async def test_at_least_once_after_bridge_crash(pipeline_settings: Settings, tmp_path) -> None:
+    settings = pipeline_settings
+    names = Names.of(settings)
+    ingest = Ingest(settings)
+    await ingest.start()
+    bridge = procs.hbreg(["bridge"], settings, tmp_path / "bridge.log")
+    total = 40_000
+    try:
+        async with grpc.aio.insecure_channel(settings.grpc_addr) as channel:
+            stub = hb_grpc.HeartbeatServiceStub(channel)
+            for n, start in enumerate(range(1, total + 1, 500)):
+                await stub.BeatBatch(batch(start, 500))
+                if n == 40:
+                    procs.stop(bridge, signal.SIGKILL)  # mid-flow: some entries read but not acknowledged
+                    bridge = procs.hbreg(["bridge"], settings, tmp_path / "bridge.log")
+        records = await read_records(
+            settings.kafka_bootstrap, names.heartbeats_topic, lambda rs: len(delivered(rs)) >= total, timeout=60
+        )
+        client = aioredis.Redis.from_url(settings.redis_url)
+
+        async def nothing_pending() -> bool:
+            return all([(await client.xpending(s, names.bridge_group))["pending"] == 0 for s in names.streams()])
+
+        await eventually(nothing_pending, timeout=10)
+        await client.aclose()
+    finally:
+        procs.stop(bridge)
+        await ingest.stop()
+    counts = delivered(records)
+    assert set(counts) == set(range(1, total + 1)), "an acknowledged heartbeat never reached Kafka"

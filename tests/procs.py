@@ -1,0 +1,66 @@
+"""Child processes of the tests: started in their own process group, always stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+
+from heartbeat_registry.settings import Settings
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig) if _own_group(proc) else proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def _own_group(proc: subprocess.Popen) -> bool:
+    try:
+        return os.getpgid(proc.pid) == proc.pid
+    except ProcessLookupError:
+        return False
+
+
+def hbreg(args: Sequence[str], settings: Settings, log_path, **env: str) -> subprocess.Popen:
+    """Run `hbreg ARGS` with `settings` as its environment, output to `log_path`."""
+    child_env = {**os.environ, **settings.child_env(), "PYTHONUNBUFFERED": "1", **env}
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "heartbeat_registry", *args],
+            env=child_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def wait_worker_ready(settings: Settings, proc: subprocess.Popen, timeout: float = 60.0, partitions: int | None = None) -> None:
+    """Until the faust worker owns partitions (it joined the consumer group)."""
+    deadline = time.monotonic() + timeout
+    url = f"http://{settings.worker_web_addr}/healthz"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                owned = json.load(response)["partitions"]
+                if owned and (partitions is None or len(owned) == partitions):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"worker not ready within {timeout} s")
