@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import sys
 
 from heartbeat_registry import embedded
 from heartbeat_registry.errors import ConfigError
@@ -31,8 +30,7 @@ def run(service: str, settings: Settings) -> int:
         port = _port(settings.kafka_bootstrap, "HBREG_KAFKA_BOOTSTRAP")
         if embedded.broker_kind() == "kafka":
             cmd = embedded.kafka_command(port, run_dir / "kafka")
-        else:
-            print(f"hbreg: Tansu broker instead of Apache Kafka: {embedded.why_not_kafka()}", file=sys.stderr)
+        else:  # `hbreg up` already said why, in one line
             cmd = embedded.tansu_command(port)
     embedded.exec_service(cmd)
     return 0  # not reached

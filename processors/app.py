@@ -84,6 +84,11 @@ def create_app(settings: Settings) -> faust.App:
         # the table and the replay rather than keep state that would then count twice.
         states.clear()
 
+    @app.on_partitions_assigned.connect
+    async def on_assigned(app: faust.App, assigned: set, **_: Any) -> None:
+        mine = sorted(tp.partition for tp in assigned if tp.topic == heartbeats.get_topic_name())
+        log.info("partitions assigned", extra={"partitions": ",".join(map(str, mine))})
+
     async def emit(event: hb.AgentEvent) -> None:
         event.emitted_at_ms = time.time_ns() // 1_000_000
         metrics.WORKER_EVENTS.labels(hb.EventType.Name(event.type).lower(), event.reason).inc()

@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from heartbeat_registry.names import Names
 from heartbeat_registry.settings import Settings
 from processors.topics import ensure_topics
+
+
+def _logging(settings: Settings) -> dict:
+    """The same logfmt lines as every other process; faust's own chatter only from WARNING up."""
+    quiet = "DEBUG" if settings.log_level == "DEBUG" else "WARNING"
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"logfmt": {"()": "heartbeat_registry.ops.LogfmtFormatter", "proc": "worker"}},
+        "handlers": {
+            "default": {"class": "logging.StreamHandler", "formatter": "logfmt", "stream": "ext://sys.stderr"}
+        },
+        "root": {"level": settings.log_level, "handlers": ["default"]},
+        "loggers": {name: {"level": quiet} for name in ("faust", "mode", "aiokafka", "kafka")},
+    }
 
 
 def run(settings: Settings) -> int:
@@ -20,8 +34,7 @@ def run(settings: Settings) -> int:
     asyncio.run(ensure_topics(settings.kafka_bootstrap, Names.of(settings), settings.topic_partitions))
     asyncio.set_event_loop(asyncio.new_event_loop())
     app = create_app(settings)
-    faust_level = "debug" if settings.log_level == "DEBUG" else "warn"
-    worker = Worker(app, loglevel=faust_level, quiet=True)
-    logging.getLogger("processors").setLevel(settings.log_level)
+    worker = Worker(app, loglevel=settings.log_level.lower(), quiet=True, logging_config=_logging(settings))
+    worker.spinner = None  # a terminal progress spinner garbles `hbreg up` output and log files
     worker.execute_from_commandline()
     return 0
