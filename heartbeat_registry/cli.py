@@ -6,45 +6,31 @@ import argparse
 import asyncio
 import json
 import logging
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
 
 from heartbeat_registry.errors import HeartbeatRegistryError
-from heartbeat_registry.settings import Settings
+from heartbeat_registry.settings import PARSERS, Settings
 
 STATUSES = ("IDLE", "RUNNING", "COMPLETED", "FAILED", "STOPPING")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number > 0, got {value}")
-    return value
+def _arg(kind: str) -> Callable[[str], object]:
+    """An argparse type from the settings parser of that kind, so flags and variables agree."""
+    parse, expects = PARSERS[kind]
+
+    def convert(text: str) -> object:
+        try:
+            return parse(text)
+        except (ValueError, TypeError):
+            raise argparse.ArgumentTypeError(f"expected {expects}, got {text!r}") from None
+
+    convert.__name__ = kind
+    return convert
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text}")
-    return value
+_positive_int, _seconds, _fraction = _arg("count"), _arg("seconds"), _arg("fraction")
 
 
 def _settings(args: argparse.Namespace, *, use_state: bool = True) -> Settings:
@@ -165,9 +151,11 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--grpc-addr", help="ingest address (HBREG_GRPC_ADDR)")
-    common.add_argument("--redis-url", help="Redis/Valkey URL (HBREG_REDIS_URL)")
-    common.add_argument("--kafka-bootstrap", help="Kafka bootstrap servers (HBREG_KAFKA_BOOTSTRAP)")
+    common.add_argument("--grpc-addr", type=_arg("address"), help="ingest address (HBREG_GRPC_ADDR)")
+    common.add_argument("--redis-url", type=_arg("redis_url"), help="Redis/Valkey URL (HBREG_REDIS_URL)")
+    common.add_argument(
+        "--kafka-bootstrap", type=_arg("bootstrap"), help="Kafka bootstrap servers (HBREG_KAFKA_BOOTSTRAP)"
+    )
 
     parser = argparse.ArgumentParser(prog="hbreg", description="Heartbeat Registry")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -73,7 +73,7 @@ def _level(text: str) -> str:
 
 
 # name -> (parser, what the variable expects, in words)
-_PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
+PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "seconds": (_seconds, "a number of seconds > 0"),
     "count": (_positive_int, "a whole number > 0"),
     "address": (_address, "HOST:PORT"),
@@ -133,7 +133,7 @@ class Settings:
             raw = env.get(var)
             if raw is None or raw == "":
                 continue
-            parse, expects = _PARSERS[field.metadata["kind"]]
+            parse, expects = PARSERS[field.metadata["kind"]]
             try:
                 values[field.name] = parse(raw.strip())
             except (ValueError, TypeError):
