@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from heartbeat_registry.errors import HeartbeatRegistryError
+from heartbeat_registry.errors import ConfigError, HeartbeatRegistryError
 from heartbeat_registry.settings import PARSERS, Settings
 
 STATUSES = ("IDLE", "RUNNING", "COMPLETED", "FAILED", "STOPPING")
@@ -57,6 +57,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from heartbeat_registry.simulate import run_fleet
 
     settings = _settings(args)
+    token_for = None
+    if settings.auth:
+        from ingest.auth import mint
+
+        secret = settings.signing_secret()
+        if secret is None:
+            raise ConfigError(
+                "auth is on: simulated agents need the signing secret (HBREG_AUTH_SECRET or "
+                "HBREG_AUTH_SECRET_FILE, or a running `hbreg up`), or HBREG_AUTH=off"
+            )
+        token_for = lambda agent: mint(secret, agent, 86400.0)  # noqa: E731
     print(
         f"simulating {args.agents} agents against {settings.grpc_addr}, one beat every {args.interval} s"
         f" ({round(args.agents * args.stall_fraction)} of them stall now and then)",
@@ -65,10 +76,30 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     try:
         asyncio.run(
             run_fleet(settings.grpc_addr, args.agents, args.interval, args.stall_fraction,
-                      settings.stall_timeout, prefix=args.prefix, seed=args.seed)
+                      settings.stall_timeout, prefix=args.prefix, seed=args.seed, token_for=token_for)
         )
     except KeyboardInterrupt:
         pass
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from ingest.auth import mint
+    from ingest.validate import Refusal, check_id
+
+    settings = _settings(args)
+    secret = settings.signing_secret()
+    if secret is None:
+        raise ConfigError(
+            "no signing secret: set HBREG_AUTH_SECRET or HBREG_AUTH_SECRET_FILE, or start `hbreg up` (it makes one)"
+        )
+    try:
+        check_id(args.agent, "AGENT")
+        for pattern in args.relay_for:
+            check_id(pattern.removesuffix("*"), "--relay-for")
+    except Refusal as exc:
+        raise ConfigError(str(exc)) from None
+    print(mint(secret, args.agent, args.ttl, tuple(args.relay_for)))
     return 0
 
 
@@ -89,10 +120,16 @@ def cmd_send(args: argparse.Namespace) -> int:
     )
     if args.progress is not None:
         beat.progress = args.progress
+    token = args.token
+    if token is None and settings.auth and (secret := settings.signing_secret()) is not None:
+        from ingest.auth import mint
+
+        token = mint(secret, args.agent, 300.0)  # on the ingest's own machine: a short-lived token
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
     with grpc.insecure_channel(settings.grpc_addr) as channel:
         stub = hb_grpc.HeartbeatServiceStub(channel)
         try:
-            reply = stub.Beat(beat, timeout=args.timeout)
+            reply = stub.Beat(beat, timeout=args.timeout, metadata=metadata)
         except grpc.RpcError as exc:
             print(f"hbreg send: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -112,12 +149,42 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(proc: str, args: argparse.Namespace, main: Callable[[Settings], object]) -> int:
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.suite == "ingest":
+        from heartbeat_registry.bench import ingest
+
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        unknown = sorted(set(modes) - set(ingest.MODES))
+        if unknown:
+            raise ConfigError(f"--modes: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(ingest.MODES)}")
+        results = ingest.run(modes, args.duration, args.redis_url, args.grpc_addr)
+    else:
+        raise ConfigError(f"unknown benchmark {args.suite!r}")
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print(_bench_table(results))
+    return 0
+
+
+def _bench_table(results: dict) -> str:
+    lines = []
+    for name, value in results.items():
+        if isinstance(value, dict) and name != "machine":
+            figures = "  ".join(f"{k}={v}" for k, v in value.items())
+            lines.append(f"{name:<10} {figures}")
+        else:
+            lines.append(f"{name:<10} {value}")
+    return "\n".join(lines)
+
+
+def _serve(proc: str, args: argparse.Namespace, main: Callable[[Settings], object], uvloop: bool) -> int:
     from heartbeat_registry import ops
 
     settings = _settings(args)
     ops.setup_logging(proc, settings.log_level)
-    ops.install_uvloop()
+    if uvloop:
+        ops.install_uvloop()
     asyncio.run(main(settings))
     return 0
 
@@ -125,13 +192,14 @@ def _serve(proc: str, args: argparse.Namespace, main: Callable[[Settings], objec
 def cmd_ingest(args: argparse.Namespace) -> int:
     from ingest.server import serve
 
-    return _serve("ingest", args, serve)
+    # No uvloop here: grpc.aio then polls from a thread of its own, measured 20% slower (docs/benchmarks.md)
+    return _serve("ingest", args, serve, uvloop=False)
 
 
 def cmd_bridge(args: argparse.Namespace) -> int:
     from processors.bridge import serve
 
-    return _serve("bridge", args, lambda s: serve(s, args.name))
+    return _serve("bridge", args, lambda s: serve(s, args.name), uvloop=True)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -178,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_events)
 
+    p = sub.add_parser("token", parents=[common], help="mint an agent's bearer token (printed alone on stdout)")
+    p.add_argument("agent", metavar="AGENT", help="the agent id the token speaks for")
+    p.add_argument("--ttl", type=_arg("seconds"), default=7 * 86400.0, help="lifetime (e.g. 3600, 12h, 30d; default 7d)")
+    p.add_argument("--relay-for", action="append", default=[], metavar="AGENT_OR_PREFIX*",
+                   help="a relay token may also speak for these agents (repeatable; `host-7-*` matches a prefix)")
+    p.set_defaults(func=cmd_token)
+
     p = sub.add_parser("send", parents=[common], help="send one heartbeat (a debugging aid)")
     p.add_argument("--agent", required=True)
     p.add_argument("--task", default="")
@@ -185,7 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", type=float, required=True)
     p.add_argument("--progress", type=float, default=None)
     p.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to wait for the reply")
+    p.add_argument("--token", help="bearer token (default: minted from the local signing secret, if any)")
     p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("bench", parents=[common], help="benchmark the real services (throughput, latency percentiles)")
+    p.add_argument("suite", nargs="?", default="ingest", choices=("ingest",), help="what to benchmark")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--duration", type=_seconds, default=10.0, help="seconds of measurement per mode")
+    p.add_argument("--modes", default="beat,batch,stream,fleet", help="comma-separated modes to run")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("ingest", parents=[common], help="run the gRPC ingest server")
     p.set_defaults(func=cmd_ingest)

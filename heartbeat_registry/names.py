@@ -7,7 +7,6 @@ Redis Cluster slot; a shard write is then one pipelined round trip to one node.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 from heartbeat_registry.settings import Settings
 
@@ -56,14 +55,25 @@ class Names:
         return f"{self.topic_prefix}hbreg-processors"
 
 
-@functools.lru_cache(maxsize=1 << 18)
+_CACHE_LIMIT = 1 << 20
+_caches: dict[int, dict[str, int]] = {}
+
+
 def partition_of(agent_id: str, count: int) -> int:
     """Kafka's default partitioner (murmur2 of the key), so a record keyed by agent_id would land here.
 
     The ingest shards streams with it and the bridge picks Kafka partitions with it: an agent's
-    heartbeats always travel one shard and one partition, in order. Cached because the fleet's agent
-    ids repeat every beat and murmur2 is pure Python.
+    heartbeats always travel one shard and one partition, in order. Cached in a plain dict because the
+    fleet's agent ids repeat every beat, murmur2 is pure Python, and this runs once per heartbeat.
     """
-    from aiokafka.partitioner import murmur2
+    cache = _caches.get(count)
+    if cache is None:
+        cache = _caches[count] = {}
+    found = cache.get(agent_id)
+    if found is None:
+        from aiokafka.partitioner import murmur2
 
-    return (murmur2(agent_id.encode()) & 0x7FFFFFFF) % count
+        if len(cache) >= _CACHE_LIMIT:
+            cache.clear()
+        found = cache[agent_id] = (murmur2(agent_id.encode()) & 0x7FFFFFFF) % count
+    return found

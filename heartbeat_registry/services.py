@@ -25,7 +25,9 @@ def run(service: str, settings: Settings) -> int:
     run_dir = pathlib.Path(os.environ.get("HBREG_RUN_DIR") or settings.state_dir / "run")
     if service == "valkey":
         port = _port(settings.redis_url, "HBREG_REDIS_URL")
-        cmd = embedded.valkey_command(port, run_dir / "valkey", durable=False)
+        # durable: the append-only file lives beside the state file and survives restarts of `hbreg up`
+        data = settings.state_dir / "valkey" if settings.redis_durable else run_dir / "valkey"
+        cmd = embedded.valkey_command(port, data, durable=settings.redis_durable)
     else:
         port = _port(settings.kafka_bootstrap, "HBREG_KAFKA_BOOTSTRAP")
         if embedded.broker_kind() == "kafka":

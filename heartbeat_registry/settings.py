@@ -20,7 +20,23 @@ from heartbeat_registry.errors import ConfigError
 PREFIX = "HBREG_"
 
 
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
 def _seconds(text: str) -> float:
+    """Seconds, bare (`2.5`) or with a unit (`250ms`, `30s`, `5m`, `24h`, `7d`)."""
+    number, unit = text, "s"
+    for suffix in sorted(_UNITS, key=len, reverse=True):
+        if text.endswith(suffix):
+            number, unit = text[: -len(suffix)], suffix
+            break
+    value = float(number) * _UNITS[unit]
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError
+    return value
+
+
+def _positive(text: str) -> float:
     value = float(text)
     if not math.isfinite(value) or value <= 0:
         raise ValueError
@@ -66,6 +82,22 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _switch(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "on", "true", "yes"):
+        return True
+    if lowered in ("0", "off", "false", "no"):
+        return False
+    raise ValueError
+
+
+def _file(text: str) -> pathlib.Path:
+    path = pathlib.Path(text).expanduser()
+    if not path.is_file():
+        raise ValueError
+    return path
+
+
 def _level(text: str) -> str:
     if text.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ValueError
@@ -74,7 +106,8 @@ def _level(text: str) -> str:
 
 # name -> (parser, what the variable expects, in words)
 PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
-    "seconds": (_seconds, "a number of seconds > 0"),
+    "seconds": (_seconds, "a number of seconds > 0 (or with a unit: 250ms, 30s, 5m, 24h, 7d)"),
+    "positive": (_positive, "a number > 0"),
     "count": (_positive_int, "a whole number > 0"),
     "address": (_address, "HOST:PORT"),
     "redis_url": (_redis_url, "a redis:// rediss:// or unix:// URL"),
@@ -83,6 +116,9 @@ PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "fraction": (_fraction, "a number from 0 to 1"),
     "path": (pathlib.Path, "a path"),
     "level": (_level, "one of DEBUG, INFO, WARNING, ERROR"),
+    "switch": (_switch, "on or off (1/0, true/false, yes/no)"),
+    "file": (_file, "the path of an existing file"),
+    "text": (str, "text"),
 }
 
 
@@ -116,6 +152,19 @@ class Settings:
     bridge_metrics_addr: str = _field("127.0.0.1:9465", "address", "bridge /metrics and /healthz")
     worker_web_addr: str = _field("127.0.0.1:6066", "address", "faust worker web server (/metrics)")
     log_level: str = _field("INFO", "level", "log level of every process")
+    redis_durable: bool = _field(False, "switch", "embedded Valkey keeps an fsynced append-only file")
+    auth: bool = _field(True, "switch", "require a per-agent token (or client certificate); off only explicitly")
+    auth_secret: str | None = _field(None, "text", "token signing secret")
+    auth_secret_file: pathlib.Path | None = _field(None, "file", "file holding the token signing secret")
+    tls_cert: pathlib.Path | None = _field(None, "file", "ingest TLS certificate chain (PEM); enables TLS")
+    tls_key: pathlib.Path | None = _field(None, "file", "private key of HBREG_TLS_CERT (PEM)")
+    tls_client_ca: pathlib.Path | None = _field(None, "file", "CA of client certificates; enables mutual TLS")
+    rate_limit: float = _field(20.0, "positive", "heartbeats per second one agent may send (sustained)")
+    rate_burst: float = _field(40.0, "positive", "heartbeats one agent may send at once")
+    max_batch: int = _field(5000, "count", "heartbeats per BeatBatch request")
+    max_message_bytes: int = _field(4 * 1024 * 1024, "count", "largest gRPC request accepted")
+    max_clock_skew: float = _field(3600.0, "seconds", "agent timestamps further off the server clock are refused")
+    max_pending: int = _field(200_000, "count", "heartbeats waiting for Redis before the ingest refuses more")
 
     @classmethod
     def from_env(
@@ -151,11 +200,13 @@ class Settings:
         recorded = state.read(self.state_dir)
         if not recorded:
             return self
-        fill = {
+        fill: dict[str, Any] = {
             name: recorded[name]
             for name in ("redis_url", "kafka_bootstrap")
             if getattr(self, name) is None and recorded.get(name)
         }
+        if self.auth_secret is None and self.auth_secret_file is None and recorded.get("auth_secret_file"):
+            fill["auth_secret_file"] = pathlib.Path(recorded["auth_secret_file"])
         return dataclasses.replace(self, **fill) if fill else self
 
     def require(self, *names: str) -> None:
@@ -166,6 +217,18 @@ class Settings:
                     f"{PREFIX}{name.upper()} is not set and no running `hbreg up` was found "
                     f"(state file {self.state_dir / 'state.json'})"
                 )
+
+    def signing_secret(self) -> bytes | None:
+        """The token signing secret, from HBREG_AUTH_SECRET or the file HBREG_AUTH_SECRET_FILE names."""
+        if self.auth_secret:
+            secret, source = self.auth_secret.encode(), "HBREG_AUTH_SECRET"
+        elif self.auth_secret_file:
+            secret, source = self.auth_secret_file.read_bytes().strip(), f"HBREG_AUTH_SECRET_FILE={self.auth_secret_file}"
+        else:
+            return None
+        if len(secret) < 32:  # RFC 7518 3.2: an HS256 key is at least as long as the hash
+            raise ConfigError(f"{source}: expected a secret of at least 32 bytes")
+        return secret
 
     def child_env(self) -> dict[str, str]:
         """The settings as environment variables, for the processes `hbreg up` starts."""

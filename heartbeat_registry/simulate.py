@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -92,7 +92,9 @@ async def run_fleet(
     stall_timeout: float,
     prefix: str = "sim",
     seed: int | None = None,
+    token_for: Callable[[str], str] | None = None,
 ) -> None:
+    """`token_for(agent_id)` gives each simulated agent its own bearer token (when auth is on)."""
     rng = random.Random(seed)
     stalling = round(agents * stall_fraction)
     async with grpc.aio.insecure_channel(grpc_addr) as channel:
@@ -100,4 +102,6 @@ async def run_fleet(
             SimulatedAgent(f"{prefix}-{i:05d}", interval, i < stalling, stall_timeout, random.Random(rng.random()))
             for i in range(agents)
         ]
-        await asyncio.gather(*(agent.run(channel) for agent in fleet))
+        await asyncio.gather(
+            *(a.run(channel, (("authorization", f"Bearer {token_for(a.agent_id)}"),) if token_for else ()) for a in fleet)
+        )

@@ -12,6 +12,7 @@ import ctypes
 import dataclasses
 import os
 import pathlib
+import secrets
 import shlex
 import shutil
 import signal
@@ -121,6 +122,18 @@ class Supervisor:
             await child.pump
 
 
+def ensure_secret(state_dir: pathlib.Path) -> pathlib.Path:
+    """The token signing secret `hbreg up` keeps in its state directory (made once, mode 600), so
+    `hbreg token` and the demo fleet on this machine just work."""
+    path = pathlib.Path(state_dir) / "auth_secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+    return path
+
+
 async def up(settings: Settings, demo: int = 0, demo_stall_fraction: float = 0.15) -> int:
     """Start everything, wait for a signal or a crash, stop everything. Returns the exit code."""
     running = state.read(settings.state_dir)
@@ -149,6 +162,8 @@ async def up(settings: Settings, demo: int = 0, demo_stall_fraction: float = 0.1
         broker = embedded.broker_kind()
         if broker == "tansu":
             print(f"hbreg: using the Tansu broker instead of Apache Kafka: {embedded.why_not_kafka()}", flush=True)
+    if settings.auth and settings.auth_secret is None and settings.auth_secret_file is None:
+        changes["auth_secret_file"] = ensure_secret(settings.state_dir)
     settings = dataclasses.replace(settings, **changes)
     env = {**os.environ, **settings.child_env(), "HBREG_RUN_DIR": str(run_dir), "PYTHONUNBUFFERED": "1"}
     sup = Supervisor(settings, env)
@@ -180,6 +195,7 @@ async def up(settings: Settings, demo: int = 0, demo_stall_fraction: float = 0.1
                 "redis_url": settings.redis_url,
                 "kafka_bootstrap": settings.kafka_bootstrap,
                 "grpc_addr": settings.grpc_addr,
+                "auth_secret_file": str(settings.auth_secret_file) if settings.auth_secret_file else None,
                 "processes": {c.name: c.proc.pid for c in sup.children},
             },
         )

@@ -1,7 +1,11 @@
-"""The gRPC ingest server: validates, stamps the receive time, stores in Redis, then acknowledges.
+"""The gRPC ingest server: authenticates, validates, stamps the receive time, stores in Redis, then
+acknowledges.
 
 All three RPCs go through one StreamWriter, so concurrent calls share Redis round trips. Replies carry
 directives: an agent that still reports a task that was reassigned away from it is told to abandon it.
+Refusals name the field or the limit: INVALID_ARGUMENT (bad heartbeat), UNAUTHENTICATED (no or bad
+credentials), PERMISSION_DENIED (agent_id not the caller's), RESOURCE_EXHAUSTED (rate or size limit,
+ingest overloaded) and UNAVAILABLE (Redis down); the last two carry a `grpc-retry-pushback-ms` hint.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import grpc
 import redis.asyncio as aioredis
@@ -17,16 +21,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from heartbeat_registry import ops
+from heartbeat_registry.errors import ConfigError
 from heartbeat_registry.names import Names
 from heartbeat_registry.pb import hb, hb_grpc
 from heartbeat_registry.settings import Settings
 from ingest import metrics, validate
-from ingest.writer import Overloaded, StreamWriter, Unavailable
+from ingest.auth import AuthError, AuthInterceptor, Authenticator, Identity, Requests
+from ingest.limits import RateLimiter
+from ingest.writer import Batch, Overloaded, StreamWriter, Unavailable
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = hb.DESCRIPTOR.services_by_name["HeartbeatService"].full_name
-MAX_BATCH = 10_000
-RETRY_PUSHBACK_MS = "250"
+RETRY_PUSHBACK_MS = 250
 
 
 def now_ms() -> int:
@@ -35,6 +41,8 @@ def now_ms() -> int:
 
 def directives_for(beats: Sequence[hb.Heartbeat], fences: dict[str, str]) -> list[hb.Directive]:
     """ABANDON for each agent still reporting the task a reassignment fenced it off from."""
+    if not fences:
+        return []
     out = []
     seen = set()
     for beat in beats:
@@ -56,110 +64,171 @@ def directives_for(beats: Sequence[hb.Heartbeat], fences: dict[str, str]) -> lis
     return out
 
 
-class HeartbeatService(hb_grpc.HeartbeatServiceServicer):
-    def __init__(self, writer: StreamWriter) -> None:
-        self._writer = writer
+def _at(index: int, batch: bool) -> str:
+    """Where in the request a refused heartbeat sits, as the field path's prefix."""
+    return f"heartbeats[{index}]." if batch else ""
 
-    async def _store(
-        self, rpc: str, beats: Sequence[hb.Heartbeat], received: int, context: grpc.aio.ServicerContext
+
+class Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, reason: str, message: str, retry_ms: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.retry_ms = retry_ms
+
+
+class HeartbeatService(hb_grpc.HeartbeatServiceServicer):
+    def __init__(self, writer: StreamWriter, settings: Settings) -> None:
+        self._writer = writer
+        self._limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
+        self._max_batch = settings.max_batch
+        self._max_skew_ms = int(settings.max_clock_skew * 1000)
+
+    def _admit(self, beats: Sequence[hb.Heartbeat], identity: Identity, received: int, prefix: bool) -> Batch:
+        """Pack `beats` for the writer; raise Refused for the first one that may not be stored."""
+        now = time.monotonic()
+        limiter = self._limiter
+        batch = self._writer.batch(received)
+        allows = identity.allows
+        allow = limiter.allow
+        skew = self._max_skew_ms
+        for i, beat in enumerate(beats):
+            fields = validate.fields_of(beat)
+            agent = fields[0]
+            try:
+                validate.check_fields(*fields, received, skew)
+            except validate.Refusal as exc:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, exc.field, _at(i, prefix) + str(exc)) from None
+            if not allows(agent):
+                raise Refused(
+                    grpc.StatusCode.PERMISSION_DENIED, "identity",
+                    f"{_at(i, prefix)}agent_id: {agent!r} is not an agent the caller may speak for "
+                    f"(credentials are for {identity.agent_id!r})",
+                )
+            if not allow(agent, now):
+                retry = limiter.retry_after_ms(agent)
+                raise Refused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, "rate_limit",
+                    f"{_at(i, prefix)}agent_id: {agent!r} exceeds the rate limit of "
+                    f"{limiter.rate:g} heartbeats/s (burst {limiter.burst:g}); retry in {retry} ms",
+                    retry,
+                )
+            batch.add(*fields)
+        limiter.sweep(now)
+        return batch
+
+    async def _handle(
+        self, rpc: str, beats: Sequence[hb.Heartbeat], identity: Identity, context: grpc.aio.ServicerContext,
+        received: int, prefix: bool = False,
     ) -> dict[str, str]:
+        """Admit and store `beats`; aborts the call with the right status when they are refused."""
         try:
-            fences = await self._writer.write(beats, received)
-        except Overloaded as exc:
-            metrics.REFUSED.labels(rpc, "overloaded").inc(len(beats))
-            context.set_trailing_metadata((("grpc-retry-pushback-ms", RETRY_PUSHBACK_MS),))
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"ingest overloaded: {exc}")
-        except Unavailable as exc:
-            metrics.REFUSED.labels(rpc, "redis_unavailable").inc(len(beats))
-            context.set_trailing_metadata((("grpc-retry-pushback-ms", RETRY_PUSHBACK_MS),))
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        metrics.ACCEPTED.labels(rpc).inc(len(beats))
+            batch = self._admit(beats, identity, received, prefix)
+            try:
+                fences = await self._writer.write(batch)
+            except Overloaded as exc:
+                raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded", f"ingest overloaded: {exc}",
+                              RETRY_PUSHBACK_MS) from None
+            except Unavailable as exc:
+                raise Refused(grpc.StatusCode.UNAVAILABLE, "redis_unavailable", str(exc), RETRY_PUSHBACK_MS) from None
+        except Refused as refusal:
+            metrics.REFUSED.labels(rpc, refusal.reason).inc(len(beats))
+            if refusal.retry_ms:
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(refusal.retry_ms)),))
+            await context.abort(refusal.code, str(refusal))
+        metrics.ACCEPTED_BY_RPC[rpc].inc(len(beats))
         return fences
 
-    async def _refuse(self, rpc: str, exc: validate.Refusal, context: grpc.aio.ServicerContext) -> None:
-        metrics.REFUSED.labels(rpc, exc.field.rpartition(".")[2]).inc()
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-
-    async def Beat(self, request: hb.Heartbeat, context: grpc.aio.ServicerContext) -> hb.BeatReply:
+    async def Beat(self, request: hb.Heartbeat, context: grpc.aio.ServicerContext, identity: Identity) -> hb.BeatReply:
         received = now_ms()
-        try:
-            validate.check(request)
-        except validate.Refusal as exc:
-            await self._refuse("beat", exc, context)
-        fences = await self._store("beat", (request,), received, context)
-        return hb.BeatReply(
-            seq=request.seq, received_ms=received, directives=directives_for((request,), fences)
-        )
+        fences = await self._handle("beat", (request,), identity, context, received)
+        return hb.BeatReply(seq=request.seq, received_ms=received, directives=directives_for((request,), fences))
 
     async def BeatBatch(
-        self, request: hb.BeatBatchRequest, context: grpc.aio.ServicerContext
+        self, request: hb.BeatBatchRequest, context: grpc.aio.ServicerContext, identity: Identity
     ) -> hb.BeatBatchReply:
         received = now_ms()
         beats = request.heartbeats
-        if not beats:
-            await self._refuse("batch", validate.Refusal("heartbeats", "must not be empty"), context)
-        if len(beats) > MAX_BATCH:
-            await self._refuse(
-                "batch", validate.Refusal("heartbeats", f"at most {MAX_BATCH} per batch ({len(beats)})"), context
-            )
-        try:
-            for i, beat in enumerate(beats):
-                validate.check(beat, f"heartbeats[{i}].")
-        except validate.Refusal as exc:
-            await self._refuse("batch", exc, context)
+        if not beats or len(beats) > self._max_batch:
+            metrics.REFUSED.labels("batch", "batch_size").inc(len(beats))
+            code = grpc.StatusCode.INVALID_ARGUMENT if not beats else grpc.StatusCode.RESOURCE_EXHAUSTED
+            await context.abort(code, f"heartbeats: {len(beats)} heartbeats; a batch holds 1 to {self._max_batch}")
         metrics.BATCH_SIZE.observe(len(beats))
-        fences = await self._store("batch", beats, received, context)
-        return hb.BeatBatchReply(
-            received_ms=received, accepted=len(beats), directives=directives_for(beats, fences)
-        )
+        fences = await self._handle("batch", beats, identity, context, received, prefix=True)
+        return hb.BeatBatchReply(received_ms=received, accepted=len(beats), directives=directives_for(beats, fences))
 
-    async def BeatStream(
-        self, request_iterator: AsyncIterator[hb.Heartbeat], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[hb.BeatReply]:
+    async def BeatStream(self, requests: Requests, context: grpc.aio.ServicerContext, identity: Identity) -> None:
         metrics.ACTIVE_STREAMS.inc()
         try:
-            async for beat in request_iterator:
+            while (beat := await requests.read()) is not None:
                 received = now_ms()
-                try:
-                    validate.check(beat)
-                except validate.Refusal as exc:
-                    await self._refuse("stream", exc, context)
-                fences = await self._store("stream", (beat,), received, context)
-                yield hb.BeatReply(
-                    seq=beat.seq, received_ms=received, directives=directives_for((beat,), fences)
+                fences = await self._handle("stream", (beat,), identity, context, received)
+                await context.write(
+                    hb.BeatReply(seq=beat.seq, received_ms=received, directives=directives_for((beat,), fences))
                 )
         finally:
             metrics.ACTIVE_STREAMS.dec()
 
 
 class RedisWatch:
-    """Keeps the gRPC health status (and a metric) in step with whether Redis answers a PING."""
+    """Keeps the gRPC health status, the writer's fail-fast flag and the stream-length metrics in step
+    with Redis."""
 
-    def __init__(self, client: aioredis.Redis, servicer: health.aio.HealthServicer) -> None:
+    def __init__(self, client: aioredis.Redis, servicer: health.aio.HealthServicer, writer: StreamWriter, names: Names) -> None:
         self.client = client
         self.servicer = servicer
-        self.up = False
+        self.writer = writer
+        self.names = names
+        self.up: bool | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
-        first = True
+        ticks = 0
         while not stop.is_set():
             try:
                 await asyncio.wait_for(self.client.ping(), timeout=1.0)
                 up = True
             except Exception:
                 up = False
-            if up != self.up or first:
-                first = False
+            self.writer.available = up
+            if up != self.up:
                 self.up = up
                 metrics.REDIS_UP.set(1 if up else 0)
-                log.info("redis reachable" if up else "redis unreachable")
+                (log.info if up else log.warning)("redis reachable" if up else "redis unreachable")
                 status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
                 for name in ("", SERVICE_NAME):
                     await self.servicer.set(name, status)
+            if up and ticks % 20 == 0:
+                await self._stream_lengths()
+            ticks += 1
             try:
-                await asyncio.wait_for(stop.wait(), timeout=0.5)
+                await asyncio.wait_for(stop.wait(), timeout=0.25)
             except asyncio.TimeoutError:
                 pass
+
+    async def _stream_lengths(self) -> None:
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for stream in self.names.streams():
+                pipe.xlen(stream)
+            for shard, length in enumerate(await pipe.execute()):
+                metrics.STREAM_LENGTH.labels(str(shard)).set(length)
+        except Exception:  # a metric is not worth failing the watch for
+            pass
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert is None:
+        if settings.tls_client_ca is not None:
+            raise ConfigError("HBREG_TLS_CLIENT_CA needs HBREG_TLS_CERT and HBREG_TLS_KEY")
+        return None
+    if settings.tls_key is None:
+        raise ConfigError("HBREG_TLS_CERT needs HBREG_TLS_KEY")
+    ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
 
 
 class Ingest:
@@ -168,28 +237,56 @@ class Ingest:
     def __init__(self, settings: Settings) -> None:
         settings.require("redis_url")
         self.settings = settings
+        self.credentials = _credentials(settings)
+        secret = settings.signing_secret()
+        if settings.auth and secret is None and settings.tls_client_ca is None:
+            raise ConfigError(
+                "auth is on but HBREG_AUTH_SECRET / HBREG_AUTH_SECRET_FILE is not set "
+                "(set one, configure HBREG_TLS_CLIENT_CA, or set HBREG_AUTH=off explicitly)"
+            )
+        try:
+            authenticator = Authenticator(secret, settings.auth, mtls=settings.tls_client_ca is not None)
+        except AuthError as exc:
+            raise ConfigError(str(exc)) from None
+        names = Names.of(settings)
         self.redis = aioredis.Redis.from_url(
             settings.redis_url, socket_timeout=2.0, socket_connect_timeout=1.0, retry_on_timeout=False
         )
-        self.writer = StreamWriter(self.redis, Names.of(settings), settings.stream_retention)
-        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)])
-        hb_grpc.add_HeartbeatServiceServicer_to_server(HeartbeatService(self.writer), self.server)
+        self.writer = StreamWriter(self.redis, names, settings.stream_retention, settings.max_pending)
+        self.server = grpc.aio.server(
+            interceptors=[AuthInterceptor(authenticator, SERVICE_NAME)],
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_concurrent_streams", 100_000),
+                # a fleet reconnecting at once opens thousands of streams within a second; grpc's
+                # default refuses calls beyond 1,000 not yet picked up by the server
+                ("grpc.server_max_pending_requests", 100_000),
+                ("grpc.server_max_pending_requests_hard_limit", 100_000),
+            ],
+        )
+        hb_grpc.add_HeartbeatServiceServicer_to_server(HeartbeatService(self.writer, settings), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server,
         )
-        self.watch = RedisWatch(self.redis, self.health)
+        self.watch = RedisWatch(self.redis, self.health, self.writer, names)
         self._stop = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
         self.port = 0
 
     async def start(self) -> int:
         """Start serving; returns the bound gRPC port (useful with port 0)."""
-        self.port = self.server.add_insecure_port(self.settings.grpc_addr)
+        addr = self.settings.grpc_addr
+        if self.credentials is None:
+            self.port = self.server.add_insecure_port(addr)
+        else:
+            self.port = self.server.add_secure_port(addr, self.credentials)
         if not self.port:
-            raise OSError(f"cannot listen on {self.settings.grpc_addr}")
+            raise OSError(f"cannot listen on {addr}")
+        if not self.settings.auth:
+            log.warning("AUTHENTICATION IS OFF (HBREG_AUTH=off): any caller may send heartbeats for any agent")
         self.writer.start()
         await self.server.start()
         self._watcher = asyncio.create_task(self.watch.run(self._stop))
@@ -209,8 +306,16 @@ async def serve(settings: Settings) -> None:
     stop = ops.stop_signal()
     ingest = Ingest(settings)
     await ingest.start()
-    cleanup = await ops.serve_ops(settings.ingest_metrics_addr, lambda: ingest.watch.up)
-    log.info("ingest listening", extra={"grpc_addr": settings.grpc_addr, "ops_addr": settings.ingest_metrics_addr})
+    cleanup = await ops.serve_ops(settings.ingest_metrics_addr, lambda: bool(ingest.watch.up))
+    log.info(
+        "ingest listening",
+        extra={
+            "grpc_addr": settings.grpc_addr,
+            "tls": "mutual" if settings.tls_client_ca else ("on" if settings.tls_cert else "off"),
+            "auth": "on" if settings.auth else "OFF",
+            "ops_addr": settings.ingest_metrics_addr,
+        },
+    )
     await stop.wait()
     log.info("ingest stopping: draining in-flight calls")
     await ingest.stop()

@@ -27,7 +27,7 @@ class Refusal(ValueError):
         self.field = field
 
 
-def _check_id(value: str, field: str, limit: int) -> None:
+def check_id(value: str, field: str, limit: int = MAX_ID_LEN) -> None:
     if value in _KNOWN_IDS:
         return
     if len(value) > limit:
@@ -41,24 +41,48 @@ def _check_id(value: str, field: str, limit: int) -> None:
     _KNOWN_IDS.add(value)
 
 
-def check(beat: hb.Heartbeat, field_prefix: str = "") -> None:
-    """Raise Refusal for the first thing wrong with `beat`."""
-    if not beat.agent_id:
-        raise Refusal(field_prefix + "agent_id", "must not be empty")
-    _check_id(beat.agent_id, field_prefix + "agent_id", MAX_ID_LEN)
-    if beat.task_id:
-        _check_id(beat.task_id, field_prefix + "task_id", MAX_TASK_LEN)
-    if beat.status not in _VALID_STATUSES:
-        raise Refusal(field_prefix + "status", f"must be one of {_STATUS_WORDS} (got {beat.status})")
-    cpu = beat.cpu_util
-    if not 0.0 <= cpu <= 1.0:  # also refuses NaN
-        raise Refusal(field_prefix + "cpu_util", f"must be a number from 0.0 to 1.0 (got {cpu})")
-    if beat.timestamp <= 0:
-        raise Refusal(
-            field_prefix + "timestamp", f"must be the agent clock in Unix epoch ms (got {beat.timestamp})"
-        )
-    if beat.HasField("progress") and not 0.0 <= beat.progress <= 1.0:
-        raise Refusal(
-            field_prefix + "progress", f"must be a number from 0.0 to 1.0 (got {beat.progress})"
-        )
+def _span(ms: int) -> str:
+    seconds = abs(ms) / 1000
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds:.0f} s"
 
+
+def fields_of(beat: hb.Heartbeat) -> tuple[str, str, int, int, float, float | None]:
+    """(agent_id, task_id, status, timestamp, cpu_util, progress or None), each read once: every read of
+    a protobuf field builds a new Python object, and the hot path would otherwise read them thrice."""
+    return (
+        beat.agent_id, beat.task_id, beat.status, beat.timestamp, beat.cpu_util,
+        beat.progress if beat.HasField("progress") else None,
+    )
+
+
+def check(beat: hb.Heartbeat, now_ms: int = 0, max_skew_ms: int = 0) -> None:
+    """Raise Refusal for the first thing wrong with `beat`."""
+    check_fields(*fields_of(beat), now_ms, max_skew_ms)
+
+
+def check_fields(
+    agent: str, task: str, status: int, timestamp: int, cpu: float, progress: float | None, now_ms: int,
+    max_skew_ms: int,
+) -> None:
+    """Raise Refusal for the first thing wrong. With `max_skew_ms`, an agent clock further than that
+    from `now_ms` is refused: the timestamp is stored for skew figures, never trusted."""
+    if agent not in _KNOWN_IDS:
+        if not agent:
+            raise Refusal("agent_id", "must not be empty")
+        check_id(agent, "agent_id", MAX_ID_LEN)
+    if task and task not in _KNOWN_IDS:
+        check_id(task, "task_id", MAX_TASK_LEN)
+    if status not in _VALID_STATUSES:
+        raise Refusal("status", f"must be one of {_STATUS_WORDS} (got {status})")
+    if not 0.0 <= cpu <= 1.0:  # also refuses NaN
+        raise Refusal("cpu_util", f"must be a number from 0.0 to 1.0 (got {cpu})")
+    if timestamp <= 0:
+        raise Refusal("timestamp", f"must be the agent clock in Unix epoch ms (got {timestamp})")
+    if max_skew_ms and abs(timestamp - now_ms) > max_skew_ms:
+        way = "ahead of" if timestamp > now_ms else "behind"
+        raise Refusal(
+            "timestamp",
+            f"agent clock is {_span(timestamp - now_ms)} {way} the server clock (limit {_span(max_skew_ms)})",
+        )
+    if progress is not None and not 0.0 <= progress <= 1.0:
+        raise Refusal("progress", f"must be a number from 0.0 to 1.0 (got {progress})")

@@ -1,29 +1,28 @@
 """Group commit of heartbeats into Redis.
 
-Every RPC hands its validated heartbeats to one writer; whatever arrived while the previous Redis round
-trip was in flight goes out together in the next one. Per shard that round trip is three pipelined
-commands: XADD of one HeartbeatColumns entry (trimmed by MINID to the retention), one multi-field HSET
-of the agents' registry entries and one HMGET of their fences. So the cost per heartbeat is a few list
-appends in Python, not a Redis round trip, whether it came by Beat, BeatBatch or BeatStream.
-A caller's future resolves only after Redis answered: an acknowledged heartbeat is in Redis.
+Each RPC packs its admitted heartbeats column-wise by shard (a `Batch`) and hands it to the one writer;
+whatever arrived while the previous Redis round trip was in flight goes out together in the next one,
+one WRITE_SHARD script call per shard, all pipelined. So the cost per heartbeat is a few list appends in
+Python, not a Redis round trip, whether it came by Beat, BeatBatch or BeatStream. A caller's future
+resolves only after Redis answered: an acknowledged heartbeat is in Redis.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from heartbeat_registry import registry
 from heartbeat_registry.names import Names, partition_of
 from heartbeat_registry.pb import hb
-from ingest import metrics
+from ingest import metrics, scripts
 
 log = logging.getLogger(__name__)
+NO_FENCES: dict[str, str] = {}
 NAN = float("nan")
 
 
@@ -35,8 +34,10 @@ class Overloaded(Exception):
     """Too much is already waiting for Redis; refuse instead of piling up memory."""
 
 
-class _Shard:
-    __slots__ = ("agent_id", "task_id", "status", "timestamp", "cpu", "progress", "received", "latest")
+class Columns:
+    """Heartbeats of one shard, column-wise."""
+
+    __slots__ = ("agent_id", "task_id", "status", "timestamp", "cpu", "progress", "received")
 
     def __init__(self) -> None:
         self.agent_id: list[str] = []
@@ -46,125 +47,177 @@ class _Shard:
         self.cpu: list[float] = []
         self.progress: list[float] = []
         self.received: list[int] = []
-        self.latest: dict[str, str] = {}
+
+    def extend(self, other: Columns) -> None:
+        self.agent_id += other.agent_id
+        self.task_id += other.task_id
+        self.status += other.status
+        self.timestamp += other.timestamp
+        self.cpu += other.cpu
+        self.progress += other.progress
+        self.received += other.received
+
+    def script_args(self, minid: int) -> list[object]:
+        """The arguments of scripts.WRITE_SHARD: joins and packs run in C, nothing per heartbeat here."""
+        return [
+            minid, self.blob(), len(self.agent_id), max(self.received),
+            "\n".join(self.agent_id), "\n".join(self.task_id),
+            "\n".join(map(str, self.received)), "\n".join(map(str, self.timestamp)),
+            bytes(self.status), array.array("f", self.cpu).tobytes(), array.array("f", self.progress).tobytes(),
+        ]
+
+    def blob(self) -> bytes:
+        return hb.HeartbeatColumns(
+            agent_id=self.agent_id, task_id=self.task_id, status=self.status, timestamp=self.timestamp,
+            cpu_util=self.cpu, progress=self.progress, received_ms=self.received,
+        ).SerializeToString()
+
+
+class Batch:
+    """What one RPC stores: its heartbeats by shard, all stamped with one receive time."""
+
+    __slots__ = ("shards", "count", "received", "_nshards")
+
+    def __init__(self, nshards: int, received: int) -> None:
+        self.shards: dict[int, Columns] = {}
+        self.count = 0
+        self.received = received
+        self._nshards = nshards
+
+    def add(self, agent: str, task: str, status: int, timestamp: int, cpu: float, progress: float | None) -> None:
+        """One admitted heartbeat, as validate.fields_of read it (progress None when not reported;
+        NaN in the stored columns)."""
+        if progress is None:
+            progress = NAN
+        index = partition_of(agent, self._nshards)
+        cols = self.shards.get(index)
+        if cols is None:
+            cols = self.shards[index] = Columns()
+        cols.agent_id.append(agent)
+        cols.task_id.append(task)
+        cols.status.append(status)
+        cols.timestamp.append(timestamp)
+        cols.cpu.append(cpu)
+        cols.progress.append(progress)
+        cols.received.append(self.received)
+        self.count += 1
+
+
+class _Write:
+    """One RPC's batch on its way: resolves when every shard it touches has been written."""
+
+    __slots__ = ("future", "remaining", "count", "fences")
+
+    def __init__(self, future: asyncio.Future[dict[str, str]], shards: int, count: int) -> None:
+        self.future = future
+        self.remaining = shards
+        self.count = count
+        self.fences: dict[str, str] = NO_FENCES
+
+    def shard_done(self, cols: Columns, fences: dict[str, str]) -> bool:
+        """Record one written shard; True when it was the last."""
+        if fences:
+            mine = {a: fences[a] for a in cols.agent_id if a in fences}
+            if mine:
+                self.fences = {**self.fences, **mine}
+        self.remaining -= 1
+        if self.remaining == 0 and not self.future.done():
+            self.future.set_result(self.fences)
+            return True
+        return False
 
 
 class StreamWriter:
-    def __init__(
-        self,
-        client: aioredis.Redis,
-        names: Names,
-        retention_s: float,
-        max_pending: int = 200_000,
-    ) -> None:
+    """One writer task per shard, each with at most one Redis call in flight: an agent's heartbeats
+    (always on one shard) are written in order, while the shards' calls overlap with each other and with
+    the Python work of the next calls."""
+
+    def __init__(self, client: aioredis.Redis, names: Names, retention_s: float, max_pending: int = 200_000) -> None:
         self._redis = client
         self._names = names
         self._retention_ms = int(retention_s * 1000)
         self._max_pending = max_pending
-        self._queue: list[tuple[Sequence[hb.Heartbeat], int, asyncio.Future[dict[str, str]]]] = []
+        self._script = client.register_script(scripts.WRITE_SHARD)
+        self._queues: list[list[tuple[Columns, _Write]]] = [[] for _ in range(names.shards)]
+        self._wakeups = [asyncio.Event() for _ in range(names.shards)]
         self._pending = 0
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        # False from a failed write until Redis answers a PING again: refuse at once meanwhile,
+        # instead of letting every call wait for its own connection timeout.
+        self.available = True
+
+    def batch(self, received: int) -> Batch:
+        return Batch(self._names.shards, received)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="stream-writer")
+        self._tasks = [
+            asyncio.create_task(self._run(shard), name=f"stream-writer-{shard}") for shard in range(self._names.shards)
+        ]
 
     async def close(self) -> None:
         """Write what is queued, then stop (graceful shutdown: nothing accepted is dropped)."""
         self._closing = True
-        self._wakeup.set()
-        if self._task:
-            await self._task
+        for wakeup in self._wakeups:
+            wakeup.set()
+        await asyncio.gather(*self._tasks)
 
-    async def write(self, beats: Sequence[hb.Heartbeat], received_ms: int) -> dict[str, str]:
-        """Store `beats`; returns agent_id -> fence ('task_id epoch') for the agents that have one."""
+    async def write(self, batch: Batch) -> dict[str, str]:
+        """Store `batch`; returns agent_id -> fence ('task_id epoch') for its agents that have one."""
         if self._closing:
             raise Unavailable("ingest is shutting down")
-        if self._pending + len(beats) > self._max_pending:
+        if not self.available:
+            raise Unavailable("redis is unreachable")
+        if self._pending + batch.count > self._max_pending:
             raise Overloaded(f"{self._pending} heartbeats already waiting for Redis")
         future: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
-        self._queue.append((beats, received_ms, future))
-        self._pending += len(beats)
-        self._wakeup.set()
-        return await future
+        write = _Write(future, len(batch.shards), batch.count)
+        self._pending += batch.count
+        for index, cols in batch.shards.items():
+            self._queues[index].append((cols, write))
+            self._wakeups[index].set()
+        try:
+            return await future
+        finally:
+            self._pending -= batch.count
 
-    async def _run(self) -> None:
+    async def _run(self, shard: int) -> None:
+        wakeup = self._wakeups[shard]
+        keys = [self._names.stream(shard), self._names.latest(shard), self._names.fenced(shard)]
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            if not self._queue:
+            await wakeup.wait()
+            wakeup.clear()
+            queued = self._queues[shard]
+            if not queued:
                 if self._closing:
                     return
                 continue
-            batch, self._queue = self._queue, []
-            count = sum(len(beats) for beats, _, _ in batch)
+            self._queues[shard] = []
+            merged = queued[0][0]
+            for cols, _ in queued[1:]:
+                merged.extend(cols)
             try:
-                fences = await self._flush(batch)
+                started = time.perf_counter()
+                reply = await self._script(keys=keys, args=merged.script_args(self._minid()))
+                metrics.REDIS_ROUNDTRIP.observe(time.perf_counter() - started)
             except (RedisError, OSError) as exc:
-                log.warning("redis write failed", extra={"error": repr(exc), "heartbeats": count})
+                self.available = False
+                log.warning("redis write failed", extra={"error": repr(exc), "shard": shard,
+                                                         "heartbeats": len(merged.agent_id)})
                 error = Unavailable(f"redis write failed: {exc}")
-                for _, _, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
+                for _, write in queued:
+                    if not write.future.done():
+                        write.future.set_exception(error)
             else:
-                for beats, _, future in batch:
-                    if not future.done():
-                        mine = {b.agent_id: fences[b.agent_id] for b in beats if b.agent_id in fences}
-                        future.set_result(mine)
-            finally:
-                self._pending -= count
-            if self._queue:
-                self._wakeup.set()
+                fences = {_text(reply[i]): _text(reply[i + 1]) for i in range(0, len(reply), 2)} if reply else NO_FENCES
+                for cols, write in queued:
+                    write.shard_done(cols, fences)
+            if self._queues[shard]:
+                wakeup.set()
 
-    async def _flush(self, batch: list[tuple[Sequence[hb.Heartbeat], int, asyncio.Future]]) -> dict[str, str]:
-        shards: dict[int, _Shard] = {}
-        nshards = self._names.shards
-        for beats, received, _ in batch:
-            for b in beats:
-                agent = b.agent_id
-                index = partition_of(agent, nshards)
-                shard = shards.get(index)
-                if shard is None:
-                    shard = shards[index] = _Shard()
-                progress = b.progress if b.HasField("progress") else NAN
-                shard.agent_id.append(agent)
-                shard.task_id.append(b.task_id)
-                shard.status.append(b.status)
-                shard.timestamp.append(b.timestamp)
-                shard.cpu.append(b.cpu_util)
-                shard.progress.append(progress)
-                shard.received.append(received)
-                shard.latest[agent] = registry.encode(
-                    received, b.status, b.cpu_util, b.timestamp, progress, b.task_id
-                )
-        minid = int(time.time() * 1000) - self._retention_ms
-        order: list[tuple[int, list[str]]] = []
-        pipe = self._redis.pipeline(transaction=False)
-        for index, shard in shards.items():
-            blob = hb.HeartbeatColumns(
-                agent_id=shard.agent_id,
-                task_id=shard.task_id,
-                status=shard.status,
-                timestamp=shard.timestamp,
-                cpu_util=shard.cpu,
-                progress=shard.progress,
-                received_ms=shard.received,
-            ).SerializeToString()
-            # n and r let the bridge count and place the entry in time without decoding it
-            fields = {"b": blob, "n": len(shard.agent_id), "r": max(shard.received)}
-            pipe.xadd(self._names.stream(index), fields, minid=minid, approximate=True)
-            pipe.hset(self._names.latest(index), mapping=shard.latest)
-            agents = list(shard.latest)
-            pipe.hmget(self._names.fenced(index), agents)
-            order.append((index, agents))
-        started = time.perf_counter()
-        replies = await pipe.execute()
-        metrics.REDIS_ROUNDTRIP.observe(time.perf_counter() - started)
-        fences: dict[str, str] = {}
-        for n, (_, agents) in enumerate(order):
-            for agent, fence in zip(agents, replies[3 * n + 2]):
-                if fence is not None:
-                    fences[agent] = fence.decode() if isinstance(fence, bytes) else fence
-        return fences
+    def _minid(self) -> int:
+        return int(time.time() * 1000) - self._retention_ms
 
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -75,7 +75,7 @@ def make_settings(tmp_path, prefix: str, **values) -> Settings:
         ingest_metrics_addr=f"127.0.0.1:{embedded.free_port()}",
         bridge_metrics_addr=f"127.0.0.1:{embedded.free_port()}",
         worker_web_addr=f"127.0.0.1:{embedded.free_port()}",
-        **values,
+        **{"auth": False, "rate_limit": 10_000.0, "rate_burst": 10_000.0, **values},
     )
 
 

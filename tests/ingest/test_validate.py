@@ -40,6 +40,6 @@ def test_good_heartbeat_passes() -> None:
 )
 def test_refusal_names_the_field(changes: dict, field: str) -> None:
     with pytest.raises(validate.Refusal) as err:
-        validate.check(good(**changes), "heartbeats[3].")
-    assert err.value.field == f"heartbeats[3].{field}"
-    assert str(err.value).startswith(f"heartbeats[3].{field}: ")
+        validate.check(good(**changes))
+    assert err.value.field == field
+    assert str(err.value).startswith(f"{field}: ")

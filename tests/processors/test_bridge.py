@@ -6,6 +6,7 @@ import asyncio
 import collections
 import dataclasses
 import signal
+import time
 
 import grpc
 import pytest
@@ -24,20 +25,24 @@ from tests.kafka_helpers import columns, eventually, read_records
 pytestmark = pytest.mark.kafka
 
 
+BASE = int(time.time() * 1000) - 600_000  # agent timestamps near the server clock, unique per heartbeat
+
+
 def batch(start: int, count: int) -> hb.BeatBatchRequest:
-    """`count` heartbeats with unique agent timestamps (start..start+count-1), over 50 agents."""
+    """`count` heartbeats numbered start..start+count-1 (in their timestamps), over 50 agents."""
     return hb.BeatBatchRequest(
         heartbeats=[
-            hb.Heartbeat(agent_id=f"agent-{n % 50}", task_id="t", status=hb.RUNNING, timestamp=n, cpu_util=0.5)
+            hb.Heartbeat(agent_id=f"agent-{n % 50}", task_id="t", status=hb.RUNNING, timestamp=BASE + n, cpu_util=0.5)
             for n in range(start, start + count)
         ]
     )
 
 
 def delivered(records: list) -> collections.Counter:
+    """How often each heartbeat number reached Kafka."""
     out: collections.Counter = collections.Counter()
     for cols in columns(records):
-        out.update(cols.timestamp)
+        out.update(t - BASE for t in cols.timestamp)
     return out
 
 

@@ -1,0 +1,196 @@
+"""Who is calling: per-agent tokens and client certificates.
+
+A token is a JWT (HS256, signed with the server secret): `sub` is the agent id, `exp` its expiry, and a
+relay token adds `agents`, the ids (or `prefix*` patterns) it may speak for. Tokens travel as gRPC
+metadata `authorization: Bearer TOKEN`. With mutual TLS and no token, the client certificate's common
+name is the agent id. Every heartbeat's agent_id must be one the caller may speak for, so no agent can
+pose as another.
+
+Verification happens once per call (once per BeatStream, not per message) and verified tokens are
+cached until they expire, so auth costs a dict lookup on the hot path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import jwt
+
+from ingest import metrics
+
+ALGORITHM = "HS256"
+_CACHE_LIMIT = 100_000
+
+
+class AuthError(Exception):
+    """The caller could not be authenticated; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    agent_id: str
+    relay_for: tuple[str, ...] = ()
+    expires: float = float("inf")
+    # agents already matched against relay_for (a relay names the same agents in every batch)
+    _allowed: set[str] = dataclasses.field(default_factory=set, compare=False, repr=False)
+
+    def allows(self, agent_id: str) -> bool:
+        if agent_id == self.agent_id or agent_id in self._allowed:
+            return True
+        for pattern in self.relay_for:
+            if pattern == agent_id or pattern == "*" or (pattern.endswith("*") and agent_id.startswith(pattern[:-1])):
+                if len(self._allowed) < 1_000_000:
+                    self._allowed.add(agent_id)
+                return True
+        return False
+
+
+ANYONE = Identity("*", ("*",))
+
+
+def mint(secret: bytes, agent_id: str, ttl_s: float, relay_for: tuple[str, ...] = ()) -> str:
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": agent_id, "iat": now, "exp": now + int(ttl_s)}
+    if relay_for:
+        claims["agents"] = list(relay_for)
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+
+
+class Authenticator:
+    def __init__(self, secret: bytes | None, enabled: bool, mtls: bool) -> None:
+        if enabled and secret is None and not mtls:
+            raise AuthError("auth is on but no signing secret is configured")
+        self._secret = secret
+        self.enabled = enabled
+        self._mtls = mtls
+        self._cache: dict[str, Identity] = {}
+
+    def from_token(self, token: str) -> Identity:
+        cached = self._cache.get(token)
+        if cached is not None and cached.expires > time.time():
+            return cached
+        if self._secret is None:
+            raise AuthError("tokens are not accepted here (no signing secret): use a client certificate")
+        try:
+            claims = jwt.decode(token, self._secret, algorithms=[ALGORITHM], options={"require": ["sub", "exp"]})
+        except jwt.ExpiredSignatureError:
+            raise AuthError("token expired") from None
+        except jwt.InvalidTokenError as exc:
+            raise AuthError(f"invalid token: {exc}") from None
+        agents = claims.get("agents") or ()
+        if not isinstance(agents, (list, tuple)) or not all(isinstance(a, str) for a in agents):
+            raise AuthError("invalid token: `agents` must be a list of agent ids")
+        identity = Identity(str(claims["sub"]), tuple(agents), float(claims["exp"]))
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[token] = identity
+        return identity
+
+    def identify(self, context: grpc.aio.ServicerContext) -> Identity:
+        if not self.enabled:
+            return ANYONE
+        header = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                header = value
+                break
+        if header:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token:
+                raise AuthError("authorization metadata must be 'Bearer TOKEN'")
+            return self.from_token(token.strip())
+        if self._mtls:
+            names = context.auth_context().get("x509_common_name") or []
+            if names:
+                return Identity(names[0].decode())
+        raise AuthError("missing credentials: send 'authorization: Bearer TOKEN' metadata")
+
+
+Handler = Callable[..., Any]
+
+
+class Requests:
+    """The requests of a streaming call, decoded one at a time (grpc's reader API: no generator
+    layers per message, which is where a Python gRPC stream spends much of its time)."""
+
+    __slots__ = ("_context", "_parse", "_rpc")
+
+    def __init__(self, context: grpc.aio.ServicerContext, parse: Callable[[bytes], Any], rpc: str) -> None:
+        self._context = context
+        self._parse = parse
+        self._rpc = rpc
+
+    async def read(self) -> Any | None:
+        """The next request, or None when the client finished sending."""
+        data = await self._context.read()
+        if data is grpc.aio.EOF:
+            return None
+        return await _parse(self._parse, data, self._context, self._rpc)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates every call to `service` before the servicer runs; the servicer gets the caller's
+    Identity as an extra argument and checks each heartbeat's agent_id against it. It also decodes the
+    requests itself, so that bytes that are no valid message get a clear INVALID_ARGUMENT. Unary
+    servicer methods take (request, context, identity); streaming ones (Requests, context, identity) and
+    answer with context.write()."""
+
+    def __init__(self, authenticator: Authenticator, service: str) -> None:
+        self._auth = authenticator
+        self._prefix = f"/{service}/"
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # the wrappers do not depend on the call
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        wrapped = self._wrapped.get(details.method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(self._prefix):
+            return handler
+        wrapped = self._wrapped[details.method] = self._wrap(handler, details.method.rsplit("/", 1)[1].lower())
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, rpc: str) -> grpc.RpcMethodHandler:
+        auth = self._auth
+        parse = handler.request_deserializer
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary(data: bytes, context: grpc.aio.ServicerContext) -> Any:
+                identity = await _identify(auth, context, rpc)
+                return await inner(await _parse(parse, data, context, rpc), context, identity)
+
+            return grpc.unary_unary_rpc_method_handler(unary, None, handler.response_serializer)
+        inner_stream = handler.stream_stream
+
+        async def stream(_: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+            identity = await _identify(auth, context, rpc)
+            await inner_stream(Requests(context, parse, rpc), context, identity)
+
+        return grpc.stream_stream_rpc_method_handler(stream, None, handler.response_serializer)
+
+
+async def _parse(parse: Callable[[bytes], Any], data: bytes, context: grpc.aio.ServicerContext, rpc: str) -> Any:
+    """Decode here rather than in grpc, so undecodable bytes get INVALID_ARGUMENT, not INTERNAL."""
+    try:
+        return parse(data)
+    except Exception:
+        metrics.REFUSED.labels(rpc, "undecodable").inc()
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request: not a valid protobuf message for this RPC")
+
+
+async def _identify(auth: Authenticator, context: grpc.aio.ServicerContext, rpc: str) -> Identity:
+    try:
+        return auth.identify(context)
+    except AuthError as exc:
+        metrics.REFUSED.labels(rpc, "unauthenticated").inc()
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        raise  # not reached: abort raises

@@ -1,0 +1,138 @@
+"""Fault tests: Redis killed and restarted under load, SIGTERM under load. Every acknowledged heartbeat
+must be in Redis afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import signal
+import subprocess
+import time
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from heartbeat_registry import embedded
+from heartbeat_registry.names import Names
+from heartbeat_registry.pb import hb, hb_grpc
+from heartbeat_registry.settings import Settings
+from ingest.server import Ingest
+from tests import procs
+
+# unique agent timestamps near the server clock (so the skew limit accepts them)
+_counter = itertools.count(int(time.time() * 1000) - 600_000)
+
+
+class Load:
+    """Concurrent BeatBatch callers; every heartbeat has a unique agent timestamp."""
+
+    def __init__(self, addr: str, callers: int = 8, batch: int = 50) -> None:
+        self.addr = addr
+        self.callers = callers
+        self.batch = batch
+        self.acked: set[int] = set()
+        self.refusals: list[tuple[float, grpc.StatusCode, float]] = []  # (when, code, seconds taken)
+        self.stop = asyncio.Event()
+
+    async def _caller(self, stub: hb_grpc.HeartbeatServiceStub) -> None:
+        while not self.stop.is_set():
+            stamps = [next(_counter) for _ in range(self.batch)]
+            request = hb.BeatBatchRequest(heartbeats=[
+                hb.Heartbeat(agent_id=f"agent-{s % 97}", task_id="t", status=hb.RUNNING, timestamp=s, cpu_util=0.2)
+                for s in stamps
+            ])
+            started = time.monotonic()
+            try:
+                await stub.BeatBatch(request, timeout=5)
+                self.acked.update(stamps)
+            except grpc.aio.AioRpcError as exc:
+                self.refusals.append((started, exc.code(), time.monotonic() - started))
+                await asyncio.sleep(0.02)
+
+    async def run(self) -> None:
+        async with grpc.aio.insecure_channel(self.addr) as channel:
+            stub = hb_grpc.HeartbeatServiceStub(channel)
+            await asyncio.gather(*(self._caller(stub) for _ in range(self.callers)))
+
+
+async def stored_stamps(redis_url: str, names: Names) -> set[int]:
+    client = aioredis.Redis.from_url(redis_url)
+    out: set[int] = set()
+    for stream in names.streams():
+        for _, fields in await client.xrange(stream):
+            out.update(hb.HeartbeatColumns.FromString(fields[b"b"]).timestamp)
+    await client.aclose()
+    return out
+
+
+def start_valkey(port: int, data) -> subprocess.Popen:
+    proc = subprocess.Popen(embedded.valkey_command(port, data, durable=True),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    embedded.wait_port("127.0.0.1", port, 15, "valkey")
+    return proc
+
+
+async def serving(addr: str) -> int:
+    async with grpc.aio.insecure_channel(addr) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+        return reply.status
+
+
+async def test_redis_killed_and_restarted_under_load(settings: Settings, tmp_path) -> None:
+    port = embedded.free_port()
+    valkey = start_valkey(port, tmp_path / "valkey")
+    settings = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{port}")
+    node = Ingest(settings)
+    await node.start()
+    load = Load(settings.grpc_addr)
+    runner = asyncio.create_task(load.run())
+    try:
+        await asyncio.sleep(1.0)
+        acked_before = len(load.acked)
+        assert acked_before > 0
+        procs.stop(valkey, signal.SIGKILL)
+        killed_at = time.monotonic()
+        await asyncio.sleep(1.0)
+        assert await serving(settings.grpc_addr) == health_pb2.HealthCheckResponse.NOT_SERVING
+        down = [r for r in load.refusals if r[0] > killed_at + 0.5]
+        assert down, "no call was refused while Redis was down"
+        assert {code for _, code, _ in down} == {grpc.StatusCode.UNAVAILABLE}
+        assert max(took for _, _, took in down) < 0.1, "refusals while Redis is down must be fast"
+
+        valkey = start_valkey(port, tmp_path / "valkey")
+        restarted_at = time.monotonic()
+        acked_at_restart = len(load.acked)
+        while len(load.acked) <= acked_at_restart:
+            assert time.monotonic() - restarted_at < 5, "the ingest did not recover by itself"
+            await asyncio.sleep(0.05)
+        assert await serving(settings.grpc_addr) == health_pb2.HealthCheckResponse.SERVING
+        await asyncio.sleep(0.5)
+    finally:
+        load.stop.set()
+        await runner
+        await node.stop()
+    missing = load.acked - await stored_stamps(settings.redis_url, Names.of(settings))
+    procs.stop(valkey)
+    assert not missing, f"{len(missing)} acknowledged heartbeats lost"
+
+
+async def test_sigterm_under_load_loses_nothing_acknowledged(settings: Settings, tmp_path) -> None:
+    ingest = procs.hbreg(["ingest"], settings, tmp_path / "ingest.log")
+    embedded.wait_port("127.0.0.1", int(settings.grpc_addr.rpartition(":")[2]), 20, "ingest")
+    load = Load(settings.grpc_addr, callers=16)
+    runner = asyncio.create_task(load.run())
+    try:
+        await asyncio.sleep(1.5)
+        ingest.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(ingest.wait, 15)
+    finally:
+        load.stop.set()
+        await runner
+        procs.stop(ingest)
+    assert code == 0, (tmp_path / "ingest.log").read_text()[-2000:]
+    assert len(load.acked) > 1000
+    missing = load.acked - await stored_stamps(settings.redis_url, Names.of(settings))
+    assert not missing, f"{len(missing)} acknowledged heartbeats lost"
