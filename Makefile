@@ -39,6 +39,13 @@ run: install
 test: install $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# redis-benchmark (Debian's redis-tools) measures the XADD ceiling the ingest is compared with
+bench: install
+	@command -v redis-benchmark >/dev/null || command -v valkey-benchmark >/dev/null || \
+		{ [ "$$(id -u)" = 0 ] && apt-get install -y -q redis-tools >/dev/null; } || \
+		echo "redis-benchmark not found: the XADD ceiling is left out"
+	$(BIN)/hbreg bench $(BENCH_ARGS)
+
 proto: $(VENV)/.installed-test
 	$(BIN)/python proto/generate.py
 
