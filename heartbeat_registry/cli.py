@@ -39,6 +39,7 @@ def _settings(args: argparse.Namespace, *, use_state: bool = True) -> Settings:
         grpc_addr=getattr(args, "grpc_addr", None),
         redis_url=getattr(args, "redis_url", None),
         kafka_bootstrap=getattr(args, "kafka_bootstrap", None),
+        http_addr=getattr(args, "http_addr", None),
     )
 
 
@@ -208,6 +209,70 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return run(_settings(args))
 
 
+def cmd_query(args: argparse.Namespace) -> int:
+    from sinks.query import serve
+
+    return _serve("query", args, serve, uvloop=True)
+
+
+def _api(settings: Settings, path: str) -> dict:
+    """GET the query API; its 4xx answers become one clear line."""
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{settings.http_addr}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        detail = json.loads(exc.read() or b"{}").get("error", exc.reason)
+        raise ConfigError(f"{detail} ({exc.code} from {url})") from None
+    except OSError as exc:
+        raise ConfigError(f"the query API at {url} is not reachable ({exc}); is `hbreg up` running?") from None
+
+
+def cmd_agents(args: argparse.Namespace) -> int:
+    import urllib.parse
+
+    settings = _settings(args)
+    query = f"?state={urllib.parse.quote(args.state)}" if args.state else ""
+    agents = _api(settings, f"/api/agents{query}")["agents"]
+    if args.json:
+        for agent in agents:
+            print(json.dumps(agent))
+        return 0
+    print(f"{'AGENT':<24} {'STATE':<10} {'STATUS':<10} {'TASK':<28} {'CPU':>5} {'PHI':>7} {'SILENT':>8}")
+    now = time.time() * 1000
+    for a in agents:
+        silent = f"{(now - a['last_seen_ms']) / 1000:.1f}s" if a["last_seen_ms"] else "-"
+        print(f"{a['agent_id']:<24} {a['state']:<10} {a['status']:<10} {a['task_id'] or '-':<28} "
+              f"{a['cpu_util']:>5.2f} {a['phi']:>7.2f} {silent:>8}")
+    return 0
+
+
+def cmd_windows(args: argparse.Namespace) -> int:
+    import urllib.parse
+
+    settings = _settings(args)
+    now = int(time.time() * 1000)
+    params = {"agent": args.agent, "from": now - int(args.since * 1000), "to": now}
+    if args.size:
+        params["size"] = args.size
+    rows = _api(settings, "/api/windows?" + urllib.parse.urlencode(params))["windows"]
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    print(f"{'WINDOW START':<20} {'BEATS':>5} {'GAP ms':>7} {'CPU mean':>8} {'min':>5} {'max':>5} {'p95':>5} "
+          f"{'slope/min':>9} {'STATE':<10}")
+    for r in rows:
+        start = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["window_start_ms"] / 1000))
+        print(f"{start:<20} {r['beats']:>5} {r['longest_gap_ms']:>7} {r['cpu_mean']:>8.3f} {r['cpu_min']:>5.2f} "
+              f"{r['cpu_max']:>5.2f} {r['cpu_p95']:>5.2f} {r['cpu_slope_per_min']:>9.3f} "
+              f"{(r['state'] or 'open'):<10}")
+    return 0
+
+
 def cmd_service(args: argparse.Namespace) -> int:
     from heartbeat_registry import services
 
@@ -224,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--kafka-bootstrap", type=_arg("bootstrap"), help="Kafka bootstrap servers (HBREG_KAFKA_BOOTSTRAP)"
     )
+    common.add_argument("--http-addr", type=_arg("address"), help="query API address (HBREG_HTTP_ADDR)")
 
     parser = argparse.ArgumentParser(prog="hbreg", description="Heartbeat Registry")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -277,6 +343,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bridge)
     p = sub.add_parser("worker", parents=[common], help="run a faust processing worker")
     p.set_defaults(func=cmd_worker)
+    p = sub.add_parser("query", parents=[common], help="run the query API (HTTP, JSON)")
+    p.set_defaults(func=cmd_query)
+    p = sub.add_parser("agents", parents=[common], help="current state of every agent (from the query API)")
+    p.add_argument("--state", choices=("alive", "suspect", "stalled", "recovered", "left"))
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_agents)
+    p = sub.add_parser("windows", parents=[common], help="an agent's window rows (from the query API)")
+    p.add_argument("agent", metavar="AGENT")
+    p.add_argument("--since", type=_seconds, default=300.0, help="how far back (e.g. 5m, 1h; default 5m)")
+    p.add_argument("--size", help="window size, a multiple of HBREG_WINDOW_SIZE (e.g. 60s: hopping)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_windows)
+
     p = sub.add_parser("service", parents=[common], help="run an embedded service (used by `hbreg up`)")
     p.add_argument("service", choices=("valkey", "kafka"))
     p.set_defaults(func=cmd_service)

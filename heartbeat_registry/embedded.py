@@ -160,7 +160,7 @@ def kafka_command(port: int, data_dir: pathlib.Path) -> list[str]:
         shutil.rmtree(logs)
     subprocess.run(
         [*jvm, "kafka.tools.StorageTool", "format", "--standalone", "--ignore-formatted",
-         "-t", cluster_id(), "-c", str(config)],
+         f"--cluster-id={cluster_id()}", "-c", str(config)],
         check=True,
         capture_output=True,
         timeout=60,

@@ -37,6 +37,24 @@ class Names:
     def streams(self) -> list[str]:
         return [self.stream(i) for i in range(self.shards)]
 
+    # the query store: what the processors publish for the query API
+    def query_agents(self, partition: int) -> str:
+        """Hash agent_id -> liveness view of the agent (JSON), one per partition."""
+        return f"{self.key_prefix}:q:agents:{partition}"
+
+    def query_open(self, partition: int) -> str:
+        """Hash agent_id -> the agent's open windows so far (JSON), one per partition."""
+        return f"{self.key_prefix}:q:open:{partition}"
+
+    def query_windows(self, agent_id: str) -> str:
+        """Sorted set of the agent's closed windows, scored by window start."""
+        return f"{self.key_prefix}:q:win:{agent_id}"
+
+    @property
+    def query_clock(self) -> str:
+        """Hash partition -> watermark (pipeline time) of that partition's last publish."""
+        return f"{self.key_prefix}:q:clock"
+
     @property
     def bridge_group(self) -> str:
         return f"{self.topic_prefix}bridge"

@@ -165,6 +165,20 @@ class Settings:
     max_message_bytes: int = _field(4 * 1024 * 1024, "count", "largest gRPC request accepted")
     max_clock_skew: float = _field(3600.0, "seconds", "agent timestamps further off the server clock are refused")
     max_pending: int = _field(200_000, "count", "heartbeats waiting for Redis before the ingest refuses more")
+    http_addr: str = _field("127.0.0.1:8080", "address", "the query API (HTTP, JSON)")
+    phi_threshold: float = _field(8.0, "positive", "phi at which a silent agent is stalled (before the hard timeout)")
+    phi_suspect: float = _field(3.0, "positive", "phi from which an alive agent is reported `suspect`")
+    acceptable_pause: float = _field(3.0, "seconds", "pause added to an agent's mean beat interval in the phi model")
+    min_std: float = _field(0.1, "seconds", "smallest standard deviation of the phi model")
+    recovery_beats: int = _field(3, "count", "healthy beats in a row before a stalled agent counts as recovered")
+    hung_cpu: float = _field(0.02, "fraction", "RUNNING below this CPU for a whole window is a `hung` stall")
+    max_task_duration: float = _field(3600.0, "seconds", "RUNNING one task longer than this is an `overdue` stall")
+    mass_silence_fraction: float = _field(0.5, "fraction", "share of a partition's agents silent together that is an outage")
+    mass_silence_min: int = _field(10, "count", "fewest agents silent together that count as a mass silence")
+    mass_silence_hold: float = _field(60.0, "seconds", "longest hold of a mass silence before individual stalls")
+    lag_alert: float = _field(2.0, "seconds", "pipeline lag (wall clock minus watermark) that raises `pipeline_lag`")
+    window_retention: float = _field(3600.0, "seconds", "how long window rows are kept")
+    hop_size: float = _field(60.0, "seconds", "size of the hopping windows (they hop by HBREG_WINDOW_SIZE)")
 
     @classmethod
     def from_env(
@@ -205,6 +219,10 @@ class Settings:
             for name in ("redis_url", "kafka_bootstrap")
             if getattr(self, name) is None and recorded.get(name)
         }
+        # the addresses `hbreg up` served on, unless this process was told otherwise
+        for name in ("grpc_addr", "http_addr"):
+            if recorded.get(name) and getattr(self, name) == _DEFAULTS[name]:
+                fill[name] = recorded[name]
         if self.auth_secret is None and self.auth_secret_file is None and recorded.get("auth_secret_file"):
             fill["auth_secret_file"] = pathlib.Path(recorded["auth_secret_file"])
         return dataclasses.replace(self, **fill) if fill else self
@@ -238,6 +256,9 @@ class Settings:
             if value is not None:
                 out[PREFIX + field.name.upper()] = str(value)
         return out
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings)}
 
 
 def describe() -> list[tuple[str, str, str]]:

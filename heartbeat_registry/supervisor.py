@@ -180,6 +180,7 @@ async def up(settings: Settings, demo: int = 0, demo_stall_fraction: float = 0.1
             "ingest": settings.grpc_addr,
             "bridge": settings.bridge_metrics_addr,
             "worker": settings.worker_web_addr,
+            "query": settings.http_addr,
         }
         waits = []
         for name, addr in ready.items():
@@ -195,6 +196,7 @@ async def up(settings: Settings, demo: int = 0, demo_stall_fraction: float = 0.1
                 "redis_url": settings.redis_url,
                 "kafka_bootstrap": settings.kafka_bootstrap,
                 "grpc_addr": settings.grpc_addr,
+                "http_addr": settings.http_addr,
                 "auth_secret_file": str(settings.auth_secret_file) if settings.auth_secret_file else None,
                 "processes": {c.name: c.proc.pid for c in sup.children},
             },
@@ -206,6 +208,7 @@ async def up(settings: Settings, demo: int = 0, demo_stall_fraction: float = 0.1
             f"  ingest    grpc {settings.grpc_addr}   metrics http://{settings.ingest_metrics_addr}/metrics",
             f"  bridge    metrics http://{settings.bridge_metrics_addr}/metrics",
             f"  worker    metrics http://{settings.worker_web_addr}/metrics",
+            f"  query     http://{settings.http_addr}/api/agents",
             f"  state     {state.path(settings.state_dir)}",
             "  events    hbreg events --follow --json",
         ]

@@ -1,10 +1,12 @@
 """The faust-streaming app: per-agent windows and liveness over the `heartbeats` topic.
 
 Each `heartbeats` record carries a batch of heartbeats of one partition and that partition's watermark.
-The agent folds the batch into in-memory accumulators and, when the watermark passes a window's end,
-writes the window once (one table write per partition chunk, not per heartbeat: every table write also
-produces a changelog record, which is what limits naive faust pipelines to a few thousand per second).
-Table writes happen while iterating an event of the same partition, so changelog partitions line up.
+The agent folds the batch into in-memory accumulators and liveness state and, when the watermark passes
+a window's end, writes the window once (a few table values per partition and window, not one per
+heartbeat: every table write also produces a changelog record, which is what limits naive faust
+pipelines to a few thousand heartbeats per second). Liveness state goes to the `snapshots` table in
+chunks whenever windows close or events fire. Table writes happen while iterating an event of the same
+partition, so changelog partitions line up.
 """
 
 from __future__ import annotations
@@ -15,17 +17,37 @@ from collections.abc import Iterator
 from typing import Any
 
 import faust
+import redis.asyncio as aioredis
 from faust.sensors.prometheus import setup_prometheus_sensors
 
 from heartbeat_registry.names import Names
 from heartbeat_registry.pb import hb
 from heartbeat_registry.settings import Settings
 from processors import metrics
-from processors.partition import ClosedWindow, PartitionState
+from processors.liveness import Rules
+from processors.partition import SNAPSHOT_CHUNKS, ClosedWindow, PartitionState
+from processors.publish import QueryStore
 
 log = logging.getLogger(__name__)
 ROWS_PER_CHUNK = 1000  # keeps one window table value well under Kafka's 1 MB record limit
-WINDOW_RETENTION_S = 3600.0
+PUBLISH_EVERY_S = 0.1
+LAG_CHECK_EVERY_S = 0.25
+
+
+def rules_of(settings: Settings) -> Rules:
+    return Rules(
+        timeout_ms=int(settings.stall_timeout * 1000),
+        phi_threshold=settings.phi_threshold,
+        phi_suspect=settings.phi_suspect,
+        acceptable_pause_ms=int(settings.acceptable_pause * 1000),
+        min_std_ms=int(settings.min_std * 1000),
+        recovery_beats=settings.recovery_beats,
+        hung_cpu=settings.hung_cpu,
+        max_task_ms=int(settings.max_task_duration * 1000),
+        mass_fraction=settings.mass_silence_fraction,
+        mass_min=settings.mass_silence_min,
+        mass_hold_ms=int(settings.mass_silence_hold * 1000),
+    )
 
 
 def _chunks(closed: ClosedWindow) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -35,11 +57,11 @@ def _chunks(closed: ClosedWindow) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def create_app(settings: Settings) -> faust.App:
-    settings.require("kafka_bootstrap")
+    settings.require("kafka_bootstrap", "redis_url")
     names = Names.of(settings)
     partitions = settings.topic_partitions
     window_ms = int(settings.window_size * 1000)
-    timeout_ms = int(settings.stall_timeout * 1000)
+    rules = rules_of(settings)
     host, _, port = settings.worker_web_addr.rpartition(":")
     app = faust.App(
         names.processors_app_id,
@@ -51,30 +73,35 @@ def create_app(settings: Settings) -> faust.App:
         stream_wait_empty=False,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,
+        # a dead worker's partitions move to the others after this long (faust's default is 60 s,
+        # during which nobody judges those agents)
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=2.0,
         web_host=host,
         web_port=int(port),
         web_in_thread=False,
         producer_max_request_size=4 * 1024 * 1024,
     )
-    heartbeats = app.topic(
-        names.heartbeats_topic, key_serializer="raw", value_serializer="raw", partitions=partitions
-    )
-    events_topic = app.topic(
-        names.events_topic, key_serializer="raw", value_serializer="raw", partitions=partitions
-    )
-    # partition -> snapshot of that partition's liveness (see PartitionState.snapshot)
+    heartbeats = app.topic(names.heartbeats_topic, key_serializer="raw", value_serializer="raw", partitions=partitions)
+    events_topic = app.topic(names.events_topic, key_serializer="raw", value_serializer="raw", partitions=partitions)
+    # "p<partition>" -> PartitionState.snapshot_meta(); "p<partition>/<chunk>" -> {agent_id: Agent.dump()}
     snapshots = app.Table("snapshots", default=dict, partitions=partitions)
     # tumbling windows; key "p<partition>c<chunk>" -> {agent_id: Accumulator.dump()}
     windows = app.Table("windows", default=dict, partitions=partitions).tumbling(
-        settings.window_size, expires=WINDOW_RETENTION_S
+        settings.window_size, expires=settings.window_retention
     )
     states: dict[int, PartitionState] = {}
+    store = QueryStore(
+        aioredis.Redis.from_url(settings.redis_url, socket_timeout=5.0), names, settings.window_retention
+    )
+    lag = {"raised": False}
 
     def state_of(partition: int) -> PartitionState:
         state = states.get(partition)
         if state is None:
-            snapshot = snapshots.get(partition)
-            state = states[partition] = PartitionState.restore(partition, window_ms, timeout_ms, snapshot)
+            chunks = [snapshots.get(f"p{partition}/{c}") for c in range(SNAPSHOT_CHUNKS)]
+            state = PartitionState.restore(partition, window_ms, rules, snapshots.get(f"p{partition}"), chunks)
+            states[partition] = state
             metrics.WORKER_AGENTS.set(sum(len(s.liveness.agents) for s in states.values()))
         return state
 
@@ -101,21 +128,56 @@ def create_app(settings: Settings) -> faust.App:
             partition = event.message.partition
             state = state_of(partition)
             cols = hb.HeartbeatColumns.FromString(event.value)
-            recoveries, newest = state.add(cols)
-            stalls, closed = state.advance(cols.watermark_ms)
-            for agent_event in (*recoveries, *stalls):
+            events, newest = state.add(cols)
+            more, closed = state.advance(cols.watermark_ms)
+            events.extend(more)
+            for agent_event in events:
                 await emit(agent_event)
             for window in closed:
                 table = windows.relative_to(window.start / 1000)
                 for chunk, rows in _chunks(window):
                     table[f"p{partition}c{chunk}"] = rows
-            if closed or recoveries or stalls:
-                snapshots[partition] = state.snapshot()
+            if closed or events:
+                snapshots[f"p{partition}"] = state.snapshot_meta()
+                for chunk, agents in state.dirty_chunks().items():
+                    snapshots[f"p{partition}/{chunk}"] = agents
             metrics.WORKER_HEARTBEATS.inc(len(cols.agent_id))
-            metrics.WORKER_WATERMARK_AGE.set(max(0.0, time.time() - state.liveness.watermark / 1000))
             state.hold(event, newest)
             for ready in state.releasable():
                 await manual.ack(ready)
+
+    @app.timer(PUBLISH_EVERY_S)
+    async def publish() -> None:
+        try:
+            await store.publish(states)
+        except Exception as exc:  # the query store is a view: detection goes on without it
+            log.warning("publishing to the query store failed", extra={"error": repr(exc)})
+
+    @app.timer(LAG_CHECK_EVERY_S)
+    async def watch_lag() -> None:
+        """pipeline_lag when this worker's newest pipeline time falls behind the wall clock (the bridge,
+        Kafka or this worker is stuck or slow): agents are not judged meanwhile, because their clock
+        stopped too; pipeline_caught_up when it is back."""
+        marks = [s.liveness.watermark for s in states.values() if s.liveness.watermark]
+        if not marks:
+            return
+        now = time.time_ns() // 1_000_000
+        behind = now - min(marks)
+        metrics.WORKER_WATERMARK_AGE.set(behind / 1000)
+        limit = settings.lag_alert * 1000
+        if not lag["raised"] and behind > limit:
+            lag["raised"] = True
+            await emit(hb.AgentEvent(
+                type=hb.PIPELINE_LAG, reason=f"pipeline clock {behind / 1000:.1f} s behind on partitions "
+                + ",".join(map(str, sorted(states))), detected_at_ms=now, event_id=f"lag:{now}",
+                figures={"lag_s": behind / 1000, "limit_s": settings.lag_alert},
+            ))
+        elif lag["raised"] and behind < limit / 2:
+            lag["raised"] = False
+            await emit(hb.AgentEvent(
+                type=hb.PIPELINE_CAUGHT_UP, reason="pipeline clock caught up", detected_at_ms=now,
+                event_id=f"lag:{now}:cleared", figures={"lag_s": behind / 1000},
+            ))
 
     setup_prometheus_sensors(app, name_prefix="hbreg_faust")
 

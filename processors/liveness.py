@@ -1,27 +1,89 @@
 """Liveness of the agents of one partition, judged on the pipeline's clock (the watermark).
 
-Pure logic, no faust: `beat()` for every heartbeat, `advance()` when the watermark moves. Deadlines
-sit in a wheel of 50 ms buckets, so a beat costs a couple of set operations and a watermark step
-touches only the agents whose deadline passed, whatever the fleet size.
+Pure logic, no faust: `beat()` for every heartbeat, `advance()` when the watermark moves, `window_closed()`
+for the progress rules. Deadlines sit in a wheel of 50 ms buckets, so a beat costs a couple of set
+operations and a watermark step touches only the agents whose deadline passed, whatever the fleet size.
 
-An episode is identified by the agent's last beat before it went silent: a stall is emitted once per
-episode, and replaying heartbeats already reflected in the state (after a restart) changes nothing.
+Rules:
+- silent: no heartbeat for min(hard timeout, the phi-accrual deadline). The phi-accrual detector (as in
+  Akka and Cassandra) models an agent's inter-arrival times as a normal distribution over a bounded
+  history, widened by an acceptable pause and a minimum standard deviation; phi is monotonic in the
+  silence, so the moment it crosses the threshold is computed once per beat and scheduled.
+- hung: RUNNING with CPU below a threshold for a whole window.
+- overdue: RUNNING the same task longer than the allowed maximum.
+- An agent that left on purpose (STOPPING, or COMPLETED) is never stalled by its silence.
+- Recovery needs `recovery_beats` healthy beats in a row (hysteresis: one late beat does not flap);
+  meanwhile the agent is `recovered`, and silence sends it back to `stalled` within the same episode.
+- Mass silence: when more than a fraction of a partition's agents fall silent together, that is an outage
+  (a network partition, or ours): one `mass_silence` event, the agents are held without individual stalls
+  (so nothing is reassigned) until they are confirmed one by one: when most of them are back, or the hold
+  expires, whoever is still silent gets an individual stall.
+
+An episode is identified by the agent's last beat before it stalled: exactly one stall and one recovery
+event per episode, and replaying heartbeats already reflected in the state (after a restart) changes
+nothing.
 """
 
 from __future__ import annotations
 
+import array
+import dataclasses
+import math
 from collections.abc import Iterable
 from typing import Any
 
 from heartbeat_registry.pb import hb
 
 BUCKET_MS = 50
-ALIVE, STALLED, LEFT = "alive", "stalled", "left"
+HISTORY = 64  # inter-arrival samples kept per agent
+MIN_SAMPLES = 5  # below this, only the hard timeout applies
+ALIVE, SUSPECT, STALLED, RECOVERED, LEFT = "alive", "suspect", "stalled", "recovered", "left"
 _LEAVING = (hb.STOPPING, hb.COMPLETED)
 
 
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    timeout_ms: int
+    phi_threshold: float = 8.0
+    phi_suspect: float = 3.0
+    acceptable_pause_ms: int = 3000
+    min_std_ms: int = 100
+    recovery_beats: int = 3
+    hung_cpu: float = 0.02
+    max_task_ms: int = 3600_000
+    mass_fraction: float = 0.5
+    mass_min: int = 10
+    mass_hold_ms: int = 60_000
+
+
+def _y_for_phi(threshold: float) -> float:
+    """The standardised distance y at which Akka's phi approximation reaches `threshold`."""
+    q = 10.0 ** -threshold
+    target = -math.log(q / (1.0 - q))
+    low, high = 0.0, 100.0
+    for _ in range(100):
+        mid = (low + high) / 2
+        if mid * (1.5976 + 0.070566 * mid * mid) < target:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+def phi(silence_ms: float, mean_ms: float, std_ms: float) -> float:
+    """Akka's phi: -log10 of the probability that a beat still comes after `silence_ms`."""
+    y = (silence_ms - mean_ms) / std_ms
+    e = math.exp(-y * (1.5976 + 0.070566 * y * y)) if y > -20 else math.inf
+    if silence_ms > mean_ms:
+        return -math.log10(e / (1.0 + e)) if e > 0 else 300.0
+    return max(0.0, -math.log10(1.0 - 1.0 / (1.0 + e)))
+
+
 class Agent:
-    __slots__ = ("agent_id", "task_id", "status", "cpu", "last_seen", "state", "episode", "deadline", "bucket")
+    __slots__ = (
+        "agent_id", "task_id", "status", "cpu", "last_seen", "task_started", "state", "reason", "episode",
+        "since", "streak", "held", "deadline", "bucket", "hist", "hist_n", "hist_i", "hsum", "hsq",
+    )
 
     def __init__(self, agent_id: str) -> None:
         self.agent_id = agent_id
@@ -29,106 +91,345 @@ class Agent:
         self.status = 0
         self.cpu = 0.0
         self.last_seen = 0
+        self.task_started = 0  # receive time of the first RUNNING beat of the current task
         self.state = ALIVE
-        self.episode = 0  # last_seen of the stall episode in progress (0: none)
+        self.reason = ""  # why it is stalled
+        self.episode = 0  # last_seen when the stall episode began (0: none)
+        self.since = 0  # when the current state began (pipeline time)
+        self.streak = 0  # healthy beats in a row while recovering
+        self.held = 0  # pipeline time of the mass silence holding it (0: not held)
         self.deadline = 0
         self.bucket = -1
+        self.hist = array.array("f", bytes(4 * HISTORY))
+        self.hist_n = 0
+        self.hist_i = 0
+        self.hsum = 0.0
+        self.hsq = 0.0
+
+    def add_interval(self, interval: float) -> None:
+        if self.hist_n == HISTORY:
+            old = self.hist[self.hist_i]
+            self.hsum -= old
+            self.hsq -= old * old
+        else:
+            self.hist_n += 1
+        self.hist[self.hist_i] = interval
+        self.hist_i = (self.hist_i + 1) % HISTORY
+        self.hsum += interval
+        self.hsq += interval * interval
+
+    def stats(self, rules: Rules) -> tuple[float, float] | None:
+        """(mean, std) of the phi model in ms, or None while the history is too short."""
+        n = self.hist_n
+        if n < MIN_SAMPLES:
+            return None
+        mean = self.hsum / n
+        var = max(0.0, self.hsq / n - mean * mean)
+        return mean + rules.acceptable_pause_ms, max(math.sqrt(var), rules.min_std_ms)
 
     def dump(self) -> list[Any]:
-        return [self.task_id, self.status, self.cpu, self.last_seen, self.state, self.episode]
+        n = self.hist_n
+        mean = self.hsum / n if n else 0.0
+        var = max(0.0, self.hsq / n - mean * mean) if n else 0.0
+        return [self.task_id, self.status, self.cpu, self.last_seen, self.task_started, self.state,
+                self.reason, self.episode, self.since, self.streak, self.held, n, mean, var]
 
     @classmethod
     def load(cls, agent_id: str, data: list[Any]) -> Agent:
         agent = cls(agent_id)
-        agent.task_id, agent.status, agent.cpu, agent.last_seen, agent.state, agent.episode = data
+        (agent.task_id, agent.status, agent.cpu, agent.last_seen, agent.task_started, agent.state,
+         agent.reason, agent.episode, agent.since, agent.streak, agent.held, n, mean, var) = data
+        # the history itself is not kept: its summary seeds an equivalent one
+        spread = math.sqrt(var)
+        for i in range(min(n, HISTORY)):
+            agent.add_interval(mean + (spread if i % 2 else -spread))
         return agent
 
 
 class Liveness:
-    def __init__(self, partition: int, timeout_ms: int) -> None:
+    def __init__(self, partition: int, rules: Rules) -> None:
         self.partition = partition
-        self.timeout_ms = timeout_ms
+        self.rules = rules
         self.agents: dict[str, Agent] = {}
         self.watermark = 0
+        self.mass: dict[int, set[str]] = {}  # mass silence (pipeline time it began) -> agents still held
+        self._mass_back: dict[int, int] = {}  # how many of that cohort came back
         self._wheel: dict[int, set[str]] = {}
         self._next_bucket = -1
+        self._y_stall = _y_for_phi(rules.phi_threshold)
 
-    def restore(self, agents: Iterable[Agent], watermark: int) -> None:
+    # --- persistence --------------------------------------------------------------------------
+
+    def restore(self, agents: Iterable[Agent], watermark: int, mass: dict[int, list[str]]) -> None:
         self.watermark = watermark
         for agent in agents:
             self.agents[agent.agent_id] = agent
-            if agent.state == ALIVE and agent.status not in _LEAVING:
-                self._schedule(agent, agent.last_seen + self.timeout_ms)
+            if agent.state in (ALIVE, RECOVERED) and agent.status not in _LEAVING:
+                self._schedule(agent, agent.last_seen + self._offset(agent))
+        self.mass = {int(k): set(v) for k, v in mass.items()}
+        self._mass_back = {k: 0 for k in self.mass}
+
+    # --- inputs -------------------------------------------------------------------------------
 
     def beat(self, agent_id: str, task_id: str, status: int, cpu: float, received: int) -> hb.AgentEvent | None:
-        """Update the agent; returns a recovery event when it was stalled."""
+        """Update the agent; returns a recovery or overdue-stall event when one is due."""
         agent = self.agents.get(agent_id)
         if agent is None:
             agent = self.agents[agent_id] = Agent(agent_id)
-        if received <= agent.last_seen:
+            agent.since = received
+        elif received <= agent.last_seen:
             return None  # replayed or out of order: already reflected
-        agent.last_seen = received
-        agent.task_id = task_id
-        agent.status = status
-        agent.cpu = cpu
-        event = None
-        if agent.state == STALLED:
-            event = self._event(agent, hb.RECOVERY, "returned", received, {"silence_ms": received - agent.episode})
-            agent.episode = 0
-        if status in _LEAVING:
-            agent.state = LEFT
-            self._unschedule(agent)
+        rules = self.rules
+        if agent.last_seen:
+            interval = received - agent.last_seen
+            if interval < rules.timeout_ms:  # an outage is no sample of the beat rhythm
+                agent.add_interval(interval)
+        if status == hb.RUNNING:
+            if agent.status != hb.RUNNING or task_id != agent.task_id or not agent.task_started:
+                agent.task_started = received
         else:
-            agent.state = ALIVE
-            self._schedule(agent, received + self.timeout_ms)
+            agent.task_started = 0
+        agent.last_seen, agent.task_id, agent.status, agent.cpu = received, task_id, status, cpu
+        event = None
+        if status in _LEAVING:
+            if agent.state in (STALLED, RECOVERED) and not agent.held:
+                event = self._recover(agent, received, "left")  # came back only to leave
+            self._release(agent)
+            self._set(agent, LEFT, received)
+            self._unschedule(agent)
+            return event
+        if agent.held:
+            self._release(agent)  # back during a mass silence: it was never individually stalled
+            self._set(agent, ALIVE, received)
+        elif agent.state in (STALLED, RECOVERED):
+            agent.streak = agent.streak + 1 if self._healthy(agent) else 0
+            if agent.streak >= rules.recovery_beats:
+                event = self._recover(agent, received, agent.reason or "silent")
+            else:
+                self._set(agent, RECOVERED if agent.streak else STALLED, received)
+        elif agent.state != ALIVE:
+            self._set(agent, ALIVE, received)
+        if (
+            event is None and agent.state == ALIVE and status == hb.RUNNING
+            and received - agent.task_started > rules.max_task_ms
+        ):
+            event = self._stall(agent, "overdue", received, {
+                "running_s": (received - agent.task_started) / 1000, "max_task_s": rules.max_task_ms / 1000,
+            })
+        self._schedule(agent, received + self._offset(agent))
         return event
 
     def advance(self, watermark: int) -> list[hb.AgentEvent]:
-        """Move the pipeline clock; returns a stall event for each agent whose deadline passed."""
+        """Move the pipeline clock: stall and mass-silence events for the deadlines that passed."""
         if watermark <= self.watermark:
             return []
         self.watermark = watermark
-        last = watermark // BUCKET_MS
-        if self._next_bucket < 0:
-            self._next_bucket = min(self._wheel, default=last)
-        events = []
-        for bucket in range(self._next_bucket, last + 1):
-            due = self._wheel.pop(bucket, None)
-            if not due:
-                continue
-            for agent_id in due:
-                agent = self.agents[agent_id]
-                if agent.deadline > watermark:  # later in the current bucket
-                    self._wheel.setdefault(bucket, set()).add(agent_id)
-                    continue
-                agent.bucket = -1
-                events.append(self._stall(agent))
-        self._next_bucket = last
+        due = self._pop_due(watermark)
+        events: list[hb.AgentEvent] = []
+        silent = []
+        for agent in due:
+            if agent.state == RECOVERED:
+                agent.streak = 0
+                self._set(agent, STALLED, watermark)  # silent again: the same episode goes on
+            elif agent.state == ALIVE:
+                silent.append(agent)
+        if silent:
+            cohort = self._mass_cohort(watermark)
+            if cohort:
+                events.append(self._hold(cohort, watermark))
+            events.extend(self._silent(agent, watermark) for agent in silent if not agent.held)
+        events.extend(self._confirm_held(watermark))
         return events
 
-    def _stall(self, agent: Agent) -> hb.AgentEvent:
-        agent.state = STALLED
-        agent.episode = agent.last_seen
-        silence = self.watermark - agent.last_seen
-        return self._event(
-            agent, hb.STALL, "silent", self.watermark,
-            {"timeout_s": self.timeout_ms / 1000, "silence_ms": silence},
+    def window_closed(self, rows: dict[str, Any], start: int, end: int) -> list[hb.AgentEvent]:
+        """The hung rule, for a closed window: `rows` maps agent -> windows.Accumulator."""
+        events = []
+        threshold = self.rules.hung_cpu
+        for agent_id, acc in rows.items():
+            if acc.beats < 2 or acc.cpu_max >= threshold or set(acc.statuses) != {hb.RUNNING}:
+                continue
+            agent = self.agents.get(agent_id)
+            if agent is None or agent.state != ALIVE or agent.status != hb.RUNNING:
+                continue
+            events.append(self._stall(agent, "hung", end, {
+                "cpu_max": round(acc.cpu_max, 4), "hung_cpu": threshold, "beats": acc.beats,
+                "window_start_ms": start, "window_s": (end - start) / 1000,
+            }))
+        return events
+
+    # --- queries ------------------------------------------------------------------------------
+
+    def phi_of(self, agent: Agent, at: int) -> float:
+        stats = agent.stats(self.rules)
+        if stats is None or agent.state == LEFT:
+            return 0.0
+        return round(phi(max(0, at - agent.last_seen), *stats), 3)
+
+    def state_of(self, agent: Agent, at: int) -> str:
+        """The reported state: `suspect` is an alive agent whose phi or silence is past the warning level."""
+        if agent.state == ALIVE and (
+            at - agent.last_seen >= self.rules.timeout_ms / 2 or self.phi_of(agent, at) >= self.rules.phi_suspect
+        ):
+            return SUSPECT
+        return agent.state
+
+    # --- rules --------------------------------------------------------------------------------
+
+    def _offset(self, agent: Agent) -> int:
+        """Silence after which the agent is stalled: the phi deadline, capped by the hard timeout."""
+        stats = agent.stats(self.rules)
+        if stats is None:
+            return self.rules.timeout_ms
+        mean, std = stats
+        return min(self.rules.timeout_ms, int(mean + self._y_stall * std))
+
+    def _healthy(self, agent: Agent) -> bool:
+        """Does this beat count towards recovery from the agent's stall reason?"""
+        if agent.reason == "hung":
+            return agent.status != hb.RUNNING or agent.cpu >= self.rules.hung_cpu
+        if agent.reason == "overdue":
+            return agent.status != hb.RUNNING or agent.last_seen - agent.task_started <= self.rules.max_task_ms
+        return True
+
+    def _mass_cohort(self, watermark: int) -> list[Agent]:
+        """The agents that have been silent for half the timeout or more, when they are too many to be
+        individual stalls (agents cut off together are all that silent when the first deadline passes,
+        while healthy ones are silent for one beat interval at most)."""
+        rules = self.rules
+        active = [a for a in self.agents.values() if a.state == ALIVE]
+        cohort = [a for a in active if watermark - a.last_seen >= rules.timeout_ms / 2]
+        if len(cohort) < rules.mass_min or len(cohort) <= rules.mass_fraction * len(active):
+            return []
+        return cohort
+
+    def _hold(self, cohort: list[Agent], watermark: int) -> hb.AgentEvent:
+        for agent in cohort:
+            agent.held = watermark
+            self._unschedule(agent)
+            self._set(agent, STALLED, watermark)
+            agent.reason = "mass_silence"
+        self.mass[watermark] = {a.agent_id for a in cohort}
+        self._mass_back[watermark] = 0
+        active = sum(1 for a in self.agents.values() if a.state != LEFT)
+        return hb.AgentEvent(
+            type=hb.MASS_SILENCE,
+            reason=f"{len(cohort)} of {active} agents of partition {self.partition} went silent together",
+            detected_at_ms=watermark,
+            last_seen_ms=max(a.last_seen for a in cohort),
+            event_id=f"mass:{self.partition}:{watermark}",
+            partition=self.partition,
+            agent_ids=sorted(a.agent_id for a in cohort),
+            figures={"agents": len(cohort), "active": active, "fraction": round(len(cohort) / max(active, 1), 3),
+                     "timeout_s": self.rules.timeout_ms / 1000},
         )
 
+    def _release(self, agent: Agent) -> None:
+        if not agent.held:
+            return
+        cohort = self.mass.get(agent.held)
+        if cohort is not None and agent.agent_id in cohort:
+            cohort.discard(agent.agent_id)
+            self._mass_back[agent.held] = self._mass_back.get(agent.held, 0) + 1
+        agent.held = 0
+        agent.reason = ""
+
+    def _confirm_held(self, watermark: int) -> list[hb.AgentEvent]:
+        """Individual stalls for held agents once the outage is over (most came back) or the hold ran
+        out; and the `mass_silence_cleared` event for that cohort."""
+        events = []
+        for began, cohort in list(self.mass.items()):
+            back = self._mass_back.get(began, 0)
+            expired = watermark - began >= self.rules.mass_hold_ms
+            if not expired and back < len(cohort) and back < (back + len(cohort)) / 2:
+                continue
+            for agent_id in sorted(cohort):
+                agent = self.agents.get(agent_id)
+                if agent is not None and agent.held == began:
+                    agent.held = 0
+                    agent.state = ALIVE  # so that _stall records the individual episode
+                    events.append(self._stall(agent, "silent", watermark, {
+                        "timeout_s": self.rules.timeout_ms / 1000, "silence_ms": watermark - agent.last_seen,
+                        "held_ms": watermark - began,
+                    }))
+            events.append(hb.AgentEvent(
+                type=hb.MASS_SILENCE_CLEARED,
+                reason="hold expired" if expired and back < len(cohort) else "agents returned",
+                detected_at_ms=watermark,
+                event_id=f"mass:{self.partition}:{began}:cleared",
+                partition=self.partition,
+                agent_ids=sorted(cohort),
+                figures={"returned": back, "still_silent": len(cohort)},
+            ))
+            del self.mass[began]
+            self._mass_back.pop(began, None)
+        return events
+
+    def _silent(self, agent: Agent, watermark: int) -> hb.AgentEvent:
+        figures = {"timeout_s": self.rules.timeout_ms / 1000, "silence_ms": watermark - agent.last_seen}
+        stats = agent.stats(self.rules)
+        if stats is not None:
+            figures["phi"] = round(phi(watermark - agent.last_seen, *stats), 3)
+            figures["mean_interval_ms"] = round(stats[0] - self.rules.acceptable_pause_ms, 1)
+        return self._stall(agent, "silent", watermark, figures)
+
+    def _stall(self, agent: Agent, reason: str, at: int, figures: dict[str, float]) -> hb.AgentEvent:
+        agent.episode = agent.last_seen
+        agent.reason = reason
+        agent.streak = 0
+        self._set(agent, STALLED, at)
+        return self._event(agent, hb.STALL, reason, at, figures)
+
+    def _recover(self, agent: Agent, at: int, reason: str) -> hb.AgentEvent:
+        """`reason`: the stall reason it recovered from (or `left`)."""
+        event = self._event(agent, hb.RECOVERY, reason, at, {
+            "episode_ms": at - agent.episode, "healthy_beats": agent.streak,
+        })
+        agent.episode = 0
+        agent.reason = ""
+        agent.streak = 0
+        self._set(agent, ALIVE, at)
+        return event
+
     def _event(self, agent: Agent, kind: int, reason: str, at: int, figures: dict[str, float]) -> hb.AgentEvent:
-        episode = agent.episode or agent.last_seen
         name = "stall" if kind == hb.STALL else "recovery"
         return hb.AgentEvent(
             type=kind,
             agent_id=agent.agent_id,
             task_id=agent.task_id,
             reason=reason,
-            last_seen_ms=agent.last_seen,
+            last_seen_ms=agent.last_seen if kind == hb.RECOVERY else agent.episode,
             detected_at_ms=at,
-            event_id=f"{agent.agent_id}:{episode}:{name}",
+            event_id=f"{agent.agent_id}:{agent.episode}:{name}",
             partition=self.partition,
             figures=figures,
         )
+
+    @staticmethod
+    def _set(agent: Agent, state: str, at: int) -> None:
+        if agent.state != state:
+            agent.state = state
+            agent.since = at
+
+    # --- the deadline wheel -------------------------------------------------------------------
+
+    def _pop_due(self, watermark: int) -> list[Agent]:
+        last = watermark // BUCKET_MS
+        if self._next_bucket < 0:
+            self._next_bucket = min(self._wheel, default=last)
+        due = []
+        for bucket in range(self._next_bucket, last + 1):
+            ids = self._wheel.pop(bucket, None)
+            if not ids:
+                continue
+            for agent_id in ids:
+                agent = self.agents[agent_id]
+                if agent.deadline > watermark:  # later in the current bucket
+                    self._wheel.setdefault(bucket, set()).add(agent_id)
+                    continue
+                agent.bucket = -1
+                due.append(agent)
+        self._next_bucket = last
+        return due
 
     def _schedule(self, agent: Agent, deadline: int) -> None:
         agent.deadline = deadline
@@ -143,7 +444,7 @@ class Liveness:
 
     def _unschedule(self, agent: Agent) -> None:
         if agent.bucket >= 0:
-            bucket = self._wheel.get(agent.bucket)
-            if bucket is not None:
-                bucket.discard(agent.agent_id)
+            ids = self._wheel.get(agent.bucket)
+            if ids is not None:
+                ids.discard(agent.agent_id)
             agent.bucket = -1

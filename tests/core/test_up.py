@@ -43,6 +43,7 @@ def test_up_runs_the_demo_and_stops_cleanly(tmp_path) -> None:
         HBREG_INGEST_METRICS_ADDR=f"127.0.0.1:{embedded.free_port()}",
         HBREG_BRIDGE_METRICS_ADDR=f"127.0.0.1:{embedded.free_port()}",
         HBREG_WORKER_WEB_ADDR=f"127.0.0.1:{embedded.free_port()}",
+        HBREG_HTTP_ADDR=f"127.0.0.1:{embedded.free_port()}",
         HBREG_STALL_TIMEOUT="2",
         HBREG_TOPIC_PARTITIONS="2",
         PYTHONUNBUFFERED="1",
@@ -60,7 +61,7 @@ def test_up_runs_the_demo_and_stops_cleanly(tmp_path) -> None:
             time.sleep(0.2)
         state = json.loads(state_file.read_text())
         assert state["broker"] == "kafka"
-        assert set(state["processes"]) == {"valkey", "kafka", "ingest", "bridge", "worker"}
+        assert set(state["processes"]) == {"valkey", "kafka", "ingest", "bridge", "worker", "query"}
 
         # a second terminal finds the running system through the state file
         sent = hbreg("send", "--agent", "cli-agent", "--task", "t1", "--status", "RUNNING", "--cpu", "0.4", env=env)
@@ -82,6 +83,12 @@ def test_up_runs_the_demo_and_stops_cleanly(tmp_path) -> None:
         assert stall is not None, "no stall event from the demo fleet"
         assert {"type", "agent_id", "task_id", "reason", "last_seen_ms", "detected_at_ms"} <= set(stall)
         assert stall["reason"] == "silent" and stall["detected_at_ms"] >= stall["last_seen_ms"] + 2000
+        listed = hbreg("agents", "--json", env=env)
+        assert listed.returncode == 0, listed.stderr
+        agents = [json.loads(line) for line in listed.stdout.splitlines()]
+        assert {a["agent_id"] for a in agents} >= {f"sim-{i:05d}" for i in range(4)}
+        windows = hbreg("windows", "sim-00001", "--since", "1m", "--json", env=env)
+        assert windows.returncode == 0 and windows.stdout.strip(), windows.stderr
     finally:
         if follower:
             follower.kill()

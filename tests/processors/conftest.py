@@ -1,30 +1,68 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import subprocess
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 
+from heartbeat_registry import embedded
 from heartbeat_registry.pb import hb_grpc
 from heartbeat_registry.settings import Settings
 from ingest.server import Ingest
+from sinks.query import QueryServer
 from tests import procs
+
+
+@dataclasses.dataclass
+class Pipeline:
+    settings: Settings
+    stub: hb_grpc.HeartbeatServiceStub
+    ingest: Ingest
+    bridge: subprocess.Popen
+    workers: list[subprocess.Popen]
+    query: QueryServer | None
+    tmp_path: object
+
+    async def add_worker(self) -> subprocess.Popen:
+        """One more faust worker (its own web port); returns once it owns partitions."""
+        settings = dataclasses.replace(self.settings, worker_web_addr=f"127.0.0.1:{embedded.free_port()}")
+        worker = procs.hbreg(["worker"], settings, self.tmp_path / f"worker{len(self.workers)}.log")
+        self.workers.append(worker)
+        await asyncio.to_thread(procs.wait_worker_ready, settings, worker)
+        return worker
+
+
+@contextlib.asynccontextmanager
+async def running_pipeline(settings: Settings, tmp_path, workers: int = 1, query: bool = False) -> AsyncIterator[Pipeline]:
+    """Ingest and query API in-process; bridge and faust workers as real processes."""
+    ingest = Ingest(settings)
+    await ingest.start()
+    bridge = procs.hbreg(["bridge"], settings, tmp_path / "bridge.log")
+    server = None
+    pipeline = None
+    try:
+        if query:
+            server = QueryServer(settings)
+            await server.start()
+        async with grpc.aio.insecure_channel(settings.grpc_addr) as channel:
+            pipeline = Pipeline(settings, hb_grpc.HeartbeatServiceStub(channel), ingest, bridge, [], server, tmp_path)
+            for _ in range(workers):
+                await pipeline.add_worker()
+            yield pipeline
+    finally:
+        for worker in pipeline.workers if pipeline else []:
+            procs.stop(worker)
+        procs.stop(bridge)
+        if server is not None:
+            await server.stop()
+        await ingest.stop()
 
 
 @pytest.fixture
 async def pipeline(pipeline_settings: Settings, tmp_path) -> AsyncIterator[hb_grpc.HeartbeatServiceStub]:
-    """Ingest in-process; bridge and one faust worker as real processes. Yields a gRPC stub."""
-    settings = pipeline_settings
-    ingest = Ingest(settings)
-    await ingest.start()
-    bridge = procs.hbreg(["bridge"], settings, tmp_path / "bridge.log")
-    worker = procs.hbreg(["worker"], settings, tmp_path / "worker.log")
-    try:
-        await asyncio.to_thread(procs.wait_worker_ready, settings, worker)
-        async with grpc.aio.insecure_channel(settings.grpc_addr) as channel:
-            yield hb_grpc.HeartbeatServiceStub(channel)
-    finally:
-        procs.stop(worker)
-        procs.stop(bridge)
-        await ingest.stop()
+    async with running_pipeline(pipeline_settings, tmp_path) as running:
+        yield running.stub

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 
 from heartbeat_registry.pb import hb
+from processors.liveness import Rules
 from processors.partition import PartitionState
+
+RULES = Rules(timeout_ms=60_000)
 from processors.windows import Accumulator
 
 
@@ -50,14 +53,14 @@ def cols(beats: list[tuple[str, int]], watermark: int) -> hb.HeartbeatColumns:
 
 
 def test_windows_close_on_watermark_and_replays_are_dropped() -> None:
-    state = PartitionState(0, window_ms=10_000, timeout_ms=60_000)
+    state = PartitionState(0, window_ms=10_000, rules=RULES)
     state.add(cols([("a", 1000), ("a", 2000), ("b", 9000), ("a", 12_000)], 0))
     events, closed = state.advance(9999)
     assert closed == []
     events, closed = state.advance(10_000)
     assert [(w.start, {k: v.beats for k, v in w.rows.items()}) for w in closed] == [(0, {"a": 2, "b": 1})]
     # a replay of the first window's data after it closed is dropped, the open window still counts
-    restored = PartitionState.restore(0, 10_000, 60_000, state.snapshot())
+    restored = PartitionState.restore(0, 10_000, RULES, state.snapshot_meta(), list(state.dirty_chunks().values()))
     restored.add(cols([("a", 1000), ("a", 2000), ("b", 9000), ("a", 12_000)], 10_000))
     assert restored.late == 3
     _, closed = restored.advance(20_000)
@@ -65,7 +68,7 @@ def test_windows_close_on_watermark_and_replays_are_dropped() -> None:
 
 
 def test_records_are_released_only_after_their_windows_close() -> None:
-    state = PartitionState(0, window_ms=10_000, timeout_ms=60_000)
+    state = PartitionState(0, window_ms=10_000, rules=RULES)
     _, newest = state.add(cols([("a", 1000)], 0))
     state.hold("record-1", newest)
     _, newest = state.add(cols([("a", 11_000)], 0))

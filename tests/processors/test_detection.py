@@ -1,0 +1,166 @@
+"""Detection acceptance on the real pipeline (Valkey, Kafka, bridge and faust worker processes), with
+simulated fleets under controlled timing."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import signal
+import time
+
+import pytest
+
+from heartbeat_registry.names import Names
+from heartbeat_registry.pb import hb
+from heartbeat_registry.settings import Settings
+from tests import procs
+from tests.fleet import Fleet
+from tests.kafka_helpers import read_events
+from tests.processors.conftest import running_pipeline
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+
+def of_type(events, kind: int) -> list[hb.AgentEvent]:
+    return [e for e in events if e.type == kind]
+
+
+async def events_now(settings: Settings, wait: float = 1.0) -> list[hb.AgentEvent]:
+    return await read_events(settings.kafka_bootstrap, Names.of(settings).events_topic, lambda es: False, timeout=wait)
+
+
+async def test_jittery_fleet_never_stalls(pipeline_settings: Settings, tmp_path) -> None:
+    """200 agents every 200 ms +-50% for 60 s: zero stalls; one agent pausing 1.5 s (timeout 2 s): none."""
+    settings = dataclasses.replace(pipeline_settings, stall_timeout=2.0)
+    async with running_pipeline(settings, tmp_path) as pipeline:
+        fleet = Fleet(pipeline.stub, [f"j{i:03d}" for i in range(200)], interval=0.2, jitter=0.5)
+        runner = asyncio.create_task(fleet.run())
+        await asyncio.sleep(30)
+        fleet.pause("j007", 1.5)
+        await asyncio.sleep(30)
+        fleet.stop.set()
+        await runner
+        events = await events_now(settings)
+    assert not fleet.errors
+    assert fleet.sent > 200 * 5 * 55
+    assert of_type(events, hb.STALL) == []
+    assert of_type(events, hb.MASS_SILENCE) == []
+
+
+async def test_killed_agents_stall_once_within_timeout_and_recover(pipeline_settings: Settings, tmp_path) -> None:
+    """50 agents killed mid-task one after another: each yields exactly one `silent` stall no later than
+    timeout + 0.5 s after its last beat (p99 over the 50), then one recovery when it returns."""
+    settings = dataclasses.replace(pipeline_settings, stall_timeout=2.0, recovery_beats=2)
+    async with running_pipeline(settings, tmp_path) as pipeline:
+        victims = [f"k{i:02d}" for i in range(50)]
+        fleet = Fleet(pipeline.stub, victims + [f"bystander{i}" for i in range(50)], interval=0.2, jitter=0.3)
+        runner = asyncio.create_task(fleet.run())
+        await asyncio.sleep(3)
+        last_beat = {}
+        for agent in victims:  # staggered, so they are 50 individual stalls, not one outage
+            last_beat[agent] = fleet.kill(agent)
+            await asyncio.sleep(0.12)
+        await asyncio.sleep(settings.stall_timeout + 1.5)
+        for agent in victims:
+            fleet.revive(agent)
+        await asyncio.sleep(2.0)
+        fleet.stop.set()
+        await runner
+        events = await events_now(settings)
+    stalls = of_type(events, hb.STALL)
+    assert sorted(e.agent_id for e in stalls) == victims, "exactly one stall per killed agent, none for others"
+    assert {e.reason for e in stalls} == {"silent"}
+    lateness = sorted(e.emitted_at_ms - (e.last_seen_ms + 2000) for e in stalls)
+    assert all(e.last_seen_ms >= last_beat[e.agent_id] for e in stalls)
+    assert lateness[int(0.99 * (len(lateness) - 1))] <= 500, f"stall later than timeout + 0.5 s: {lateness[-5:]}"
+    recoveries = of_type(events, hb.RECOVERY)
+    assert sorted(e.agent_id for e in recoveries) == victims
+    assert {(e.event_id.rsplit(":", 1)[0]) for e in recoveries} == {(e.event_id.rsplit(":", 1)[0]) for e in stalls}
+
+
+async def test_hung_and_overdue(pipeline_settings: Settings, tmp_path) -> None:
+    settings = dataclasses.replace(pipeline_settings, window_size=2.0, max_task_duration=4.0, hung_cpu=0.05)
+    async with running_pipeline(settings, tmp_path) as pipeline:
+        fleet = Fleet(pipeline.stub, ["hung-1", "busy-1", "long-1"], interval=0.2, jitter=0.2)
+        fleet.agents["hung-1"].cpu = 0.0
+        for agent in ("busy-1", "hung-1"):  # new task every beat cycle: never overdue
+            fleet.agents[agent].task_id = f"{agent}-short"
+        runner = asyncio.create_task(fleet.run())
+        await asyncio.sleep(3.0)
+        fleet.agents["busy-1"].task_id = "busy-1-next"  # switches tasks: not overdue
+        await asyncio.sleep(3.5)
+        fleet.stop.set()
+        await runner
+        events = await events_now(settings)
+    stalls = of_type(events, hb.STALL)
+    assert [(e.agent_id, e.reason) for e in stalls if e.agent_id != "long-1"] == [("hung-1", "hung")]
+    hung = next(e for e in stalls if e.reason == "hung")
+    assert hung.figures["cpu_max"] == 0.0 and hung.figures["window_s"] == 2.0
+    overdue = [e for e in stalls if e.agent_id == "long-1"]
+    assert [(e.reason) for e in overdue] == ["overdue"]
+    assert overdue[0].figures["running_s"] > 4.0
+
+
+async def test_paused_bridge_raises_pipeline_lag_not_stalls(pipeline_settings: Settings, tmp_path) -> None:
+    settings = dataclasses.replace(pipeline_settings, stall_timeout=2.0, lag_alert=2.0)
+    async with running_pipeline(settings, tmp_path) as pipeline:
+        fleet = Fleet(pipeline.stub, [f"p{i:02d}" for i in range(30)], interval=0.3, jitter=0.3)
+        runner = asyncio.create_task(fleet.run())
+        await asyncio.sleep(3)
+        pipeline.bridge.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(3 * settings.stall_timeout)
+        pipeline.bridge.send_signal(signal.SIGCONT)
+        await asyncio.sleep(4)
+        fleet.stop.set()
+        await runner
+        events = await events_now(settings)
+    assert not fleet.errors
+    assert of_type(events, hb.STALL) == [] and of_type(events, hb.MASS_SILENCE) == []
+    kinds = [e.type for e in events if e.type in (hb.PIPELINE_LAG, hb.PIPELINE_CAUGHT_UP)]
+    assert kinds == [hb.PIPELINE_LAG, hb.PIPELINE_CAUGHT_UP]
+
+
+async def test_cutting_off_most_of_a_partition_is_one_mass_silence(pipeline_settings: Settings, tmp_path) -> None:
+    settings = dataclasses.replace(pipeline_settings, topic_partitions=1, stream_shards=1, stall_timeout=2.0)
+    async with running_pipeline(settings, tmp_path) as pipeline:
+        agents = [f"m{i:03d}" for i in range(200)]
+        fleet = Fleet(pipeline.stub, agents, interval=0.2, jitter=0.5)
+        runner = asyncio.create_task(fleet.run())
+        await asyncio.sleep(3)
+        for agent in agents[:160]:
+            fleet.kill(agent)
+        await asyncio.sleep(settings.stall_timeout + 2)
+        fleet.stop.set()
+        await runner
+        events = await events_now(settings)
+    assert of_type(events, hb.STALL) == [], "a mass silence must not become individual stalls"
+    mass = of_type(events, hb.MASS_SILENCE)
+    assert len(mass) == 1 and sorted(mass[0].agent_ids) == agents[:160]
+
+
+async def test_worker_killed_mid_run_loses_and_repeats_no_event(pipeline_settings: Settings, tmp_path) -> None:
+    settings = dataclasses.replace(pipeline_settings, stall_timeout=2.0, recovery_beats=2)
+    async with running_pipeline(settings, tmp_path, workers=2) as pipeline:
+        agents = [f"w{i:02d}" for i in range(40)]
+        fleet = Fleet(pipeline.stub, agents, interval=0.2, jitter=0.3)
+        runner = asyncio.create_task(fleet.run())
+        await asyncio.sleep(3)
+        victims = agents[::4]  # spread over every partition
+        for agent in victims:
+            fleet.kill(agent)
+            await asyncio.sleep(0.15)
+        await asyncio.sleep(1.0)
+        procs.stop(pipeline.workers[0], signal.SIGKILL)  # mid-run: some stalls emitted, some not yet
+        # the survivor takes over after the session timeout (10 s) and a group join, then replays
+        await asyncio.sleep(settings.stall_timeout + 20)
+        for agent in victims:
+            fleet.revive(agent)
+        await asyncio.sleep(4)
+        fleet.stop.set()
+        await runner
+        events = await events_now(settings, wait=2)
+    stalls = of_type(events, hb.STALL)
+    recoveries = of_type(events, hb.RECOVERY)
+    assert sorted(e.agent_id for e in stalls) == sorted(victims), "an event was lost or repeated"
+    assert sorted(e.agent_id for e in recoveries) == sorted(victims)
+    assert len({e.event_id for e in stalls}) == len(stalls)
