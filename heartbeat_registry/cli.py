@@ -159,8 +159,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if unknown:
             raise ConfigError(f"--modes: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(ingest.MODES)}")
         results = ingest.run(modes, args.duration, args.redis_url, args.grpc_addr)
+    elif args.suite == "pipeline":
+        from heartbeat_registry.bench import pipeline
+
+        results = pipeline.run(args.heartbeats, args.duration, args.redis_url, args.kafka_bootstrap)
     else:
-        raise ConfigError(f"unknown benchmark {args.suite!r}")
+        from heartbeat_registry.bench import detection
+
+        results = detection.run(args.agents, args.duration, args.redis_url, args.kafka_bootstrap)
     if args.json:
         print(json.dumps(results))
     else:
@@ -330,9 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_send)
 
     p = sub.add_parser("bench", parents=[common], help="benchmark the real services (throughput, latency percentiles)")
-    p.add_argument("suite", nargs="?", default="ingest", choices=("ingest",), help="what to benchmark")
+    p.add_argument("suite", nargs="?", default="ingest", choices=("ingest", "pipeline", "detection"),
+                   help="what to benchmark (default: ingest)")
+    p.add_argument("--heartbeats", type=_positive_int, default=1_000_000, help="pipeline: backlog size")
+    p.add_argument("--agents", type=_positive_int, default=1000, help="detection: fleet size")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--duration", type=_seconds, default=10.0, help="seconds of measurement per mode")
+    p.add_argument("--duration", type=_seconds, default=10.0,
+                   help="seconds of measurement per mode (pipeline: of the live phase; detection: of the run)")
     p.add_argument("--modes", default="beat,batch,stream,fleet", help="comma-separated modes to run")
     p.set_defaults(func=cmd_bench)
 

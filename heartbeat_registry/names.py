@@ -46,9 +46,9 @@ class Names:
         """Hash agent_id -> the agent's open windows so far (JSON), one per partition."""
         return f"{self.key_prefix}:q:open:{partition}"
 
-    def query_windows(self, agent_id: str) -> str:
-        """Sorted set of the agent's closed windows, scored by window start."""
-        return f"{self.key_prefix}:q:win:{agent_id}"
+    def query_windows(self, partition: int, window_start: int) -> str:
+        """Hash agent_id -> the agent's closed window (JSON) starting then, one per partition and window."""
+        return f"{self.key_prefix}:q:win:{partition}:{window_start}"
 
     @property
     def query_clock(self) -> str:

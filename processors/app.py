@@ -63,6 +63,8 @@ def create_app(settings: Settings) -> faust.App:
     window_ms = int(settings.window_size * 1000)
     rules = rules_of(settings)
     host, _, port = settings.worker_web_addr.rpartition(":")
+    datadir = settings.state_dir / "faust"  # faust keeps a small local folder; not the working directory
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         names.processors_app_id,
         broker=[f"kafka://{b.strip()}" for b in settings.kafka_bootstrap.split(",")],
@@ -81,6 +83,7 @@ def create_app(settings: Settings) -> faust.App:
         web_port=int(port),
         web_in_thread=False,
         producer_max_request_size=4 * 1024 * 1024,
+        datadir=str(datadir),
     )
     heartbeats = app.topic(names.heartbeats_topic, key_serializer="raw", value_serializer="raw", partitions=partitions)
     events_topic = app.topic(names.events_topic, key_serializer="raw", value_serializer="raw", partitions=partitions)
@@ -127,6 +130,12 @@ def create_app(settings: Settings) -> faust.App:
         async for event in manual.events():
             partition = event.message.partition
             state = state_of(partition)
+            if event.message.offset <= state.offset:
+                # delivered again after faust sought back to the committed offset (it does so once
+                # its tables are recovered): this state already holds it, and the first delivery's
+                # acknowledgement covers the offset
+                continue
+            state.offset = event.message.offset
             cols = hb.HeartbeatColumns.FromString(event.value)
             events, newest = state.add(cols)
             more, closed = state.advance(cols.watermark_ms)

@@ -43,8 +43,10 @@ class PartitionState:
         self.closed_until = 0  # windows ending at or before this are final
         self.late = 0
         self.dirty: set[str] = set()  # agents changed since the last snapshot write
-        self.touched: set[str] = set()  # agents changed since the last publish to the query store
+        self.touched: set[str] = set()  # agents that beat since the last publish to the query store
+        self.changed: set[str] = set()  # agents whose liveness state changed since the last publish
         self.unpublished: list[ClosedWindow] = []
+        self.offset = -1  # newest Kafka offset folded in since this state was built
         self._held: list[tuple[Any, int]] = []  # (faust event, newest window start it fed)
 
     # --- persistence --------------------------------------------------------------------------
@@ -116,6 +118,7 @@ class PartitionState:
             acc.add(received, cpu, status, task_id, start, previous)
             if start > newest:
                 newest = start
+        self.note(events)
         return events, newest
 
     def advance(self, watermark: int) -> tuple[list[hb.AgentEvent], list[ClosedWindow]]:
@@ -133,12 +136,16 @@ class PartitionState:
         if not closed and watermark - watermark % self.window_ms > self.closed_until:
             # idle partition: its clock still closes windows, so replays never reopen them
             self.closed_until = watermark - watermark % self.window_ms
+        self.note(events)
+        self.unpublished.extend(closed)
+        return events, closed
+
+    def note(self, events: list[hb.AgentEvent]) -> None:
+        """Remember the agents these events changed, for the snapshot and the query store."""
         for event in events:
             changed = [event.agent_id] if event.agent_id else list(event.agent_ids)
             self.dirty.update(changed)
-            self.touched.update(changed)
-        self.unpublished.extend(closed)
-        return events, closed
+            self.changed.update(changed)
 
     def hold(self, event: Any, newest_window: int) -> None:
         self._held.append((event, newest_window))

@@ -1,10 +1,14 @@
 """Publishes what the detector holds to Redis, where the query API reads it across all workers.
 
-Every `interval` a worker writes, in one pipelined round trip: the liveness view of each agent that
-changed, the open windows of the agents that beat (so a heartbeat is visible in its window row well
-before the window closes), the windows that closed (one sorted set per agent, trimmed to the retention),
-and each partition's watermark, the clock the API judges phi and silence by. These are the detector's
-own in-memory tables written out as they are, not a second computation.
+Every `interval` a worker writes, in one pipelined round trip:
+- each closed window as one hash per partition and window (agent -> row), expiring with the retention;
+- the liveness view of the agents whose state changed or whose window closed (the freshest beat itself
+  is in the ingest's registry already);
+- while the worker is live (its clock near the wall clock), the open windows of the agents that beat, so
+  a heartbeat shows in its window row long before the window closes; while it works off a backlog those
+  rows would be stale the moment they are written, so it skips them;
+- each partition's watermark, the clock the API judges phi and silence by.
+These are the detector's own in-memory tables written out as they are, not a second computation.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import redis.asyncio as aioredis
 from heartbeat_registry.names import Names
 from processors.liveness import Agent, Liveness
 from processors.partition import PartitionState
+
+LIVE_WITHIN_MS = 5000
 
 
 def agent_view(liveness: Liveness, agent: Agent) -> str:
@@ -37,45 +43,43 @@ class QueryStore:
         """Write what changed since the last call; returns the number of commands sent."""
         names = self._names
         pipe = self._redis.pipeline(transaction=False)
-        commands = 0
         now = int(time.time() * 1000)
         for partition, state in states.items():
             liveness = state.liveness
             touched, state.touched = state.touched, set()
+            changed, state.changed = state.changed, set()
             closed, state.unpublished = state.unpublished, []
-            views = {a: agent_view(liveness, liveness.agents[a]) for a in touched if a in liveness.agents}
-            if views:
-                pipe.hset(names.query_agents(partition), mapping=views)
-                commands += 1
             ended: set[str] = set()
             for window in closed:
-                for agent_id, acc in window.rows.items():
-                    key = names.query_windows(agent_id)
-                    row = json.dumps([window.start, window.end, window.states.get(agent_id, ""), acc.dump()])
-                    pipe.zremrangebyscore(key, window.start, window.start)  # a replayed close replaces
-                    pipe.zadd(key, {row: window.start})
-                    pipe.zremrangebyscore(key, "-inf", now - self._retention_ms)
-                    pipe.pexpire(key, self._retention_ms)
-                    commands += 4
-                ended.update(window.rows)
-            # the open windows of every agent that beat, or whose window just closed
-            opened: dict[str, str] = {}
-            for agent_id in touched | ended:
-                rows = [
-                    [start, start + state.window_ms, state.open[start][agent_id].dump()]
-                    for start in sorted(state.open) if agent_id in state.open[start]
-                ]
-                if rows:
-                    opened[agent_id] = json.dumps(rows)
-            if opened:
-                pipe.hset(names.query_open(partition), mapping=opened)
-                commands += 1
-            gone = [a for a in ended if a not in opened]
-            if gone:
-                pipe.hdel(names.query_open(partition), *gone)
-                commands += 1
+                if window.rows:
+                    key = names.query_windows(partition, window.start)
+                    pipe.hset(key, mapping={
+                        a: json.dumps([window.start, window.end, window.states.get(a, ""), acc.dump()])
+                        for a, acc in window.rows.items()
+                    })
+                    pipe.pexpireat(key, window.end + self._retention_ms)
+                    ended.update(window.rows)
+            views = {a: agent_view(liveness, liveness.agents[a]) for a in changed | ended if a in liveness.agents}
+            if views:
+                pipe.hset(names.query_agents(partition), mapping=views)
+            if now - liveness.watermark < LIVE_WITHIN_MS:
+                opened = {}
+                for agent_id in touched | ended:
+                    rows = [
+                        [start, start + state.window_ms, state.open[start][agent_id].dump()]
+                        for start in sorted(state.open) if agent_id in state.open[start]
+                    ]
+                    if rows:
+                        opened[agent_id] = json.dumps(rows)
+                if opened:
+                    pipe.hset(names.query_open(partition), mapping=opened)
+                gone = [a for a in ended if a not in opened]
+                if gone:
+                    pipe.hdel(names.query_open(partition), *gone)
+            elif closed:  # working off a backlog: open rows are not kept, closed ones supersede them
+                pipe.delete(names.query_open(partition))
             pipe.hset(names.query_clock, str(partition), json.dumps([liveness.watermark, now]))
-            commands += 1
+        commands = len(pipe)
         if commands:
             await pipe.execute()
         return commands

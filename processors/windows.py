@@ -100,20 +100,21 @@ class Accumulator:
             return 0.0
         return (n * self.stc - self.st * self.sc) / denom
 
-    # durable form, for the faust table (JSON)
+    # durable form, for the faust table and the query store (JSON): flat, so dumping is cheap
     def dump(self) -> list[Any]:
+        flat_hist = [x for item in self.hist.items() for x in item]
+        flat_statuses = [x for item in self.statuses.items() for x in item]
         return [
             self.beats, self.cpu_sum, self.cpu_min, self.cpu_max, self.first_seen, self.last_seen,
-            self.longest_gap, self.st, self.stt, self.sc, self.stc,
-            {str(k): v for k, v in self.hist.items()}, {str(k): v for k, v in self.statuses.items()},
-            self.task_id, self.status,
+            self.longest_gap, self.st, self.stt, self.sc, self.stc, self.task_id, self.status,
+            flat_hist, flat_statuses,
         ]
 
     @classmethod
     def load(cls, data: list[Any]) -> Accumulator:
         acc = cls()
-        (acc.beats, acc.cpu_sum, acc.cpu_min, acc.cpu_max, acc.first_seen, acc.last_seen,
-         acc.longest_gap, acc.st, acc.stt, acc.sc, acc.stc, hist, statuses, acc.task_id, acc.status) = data
-        acc.hist = {int(k): v for k, v in hist.items()}
-        acc.statuses = {int(k): v for k, v in statuses.items()}
+        (acc.beats, acc.cpu_sum, acc.cpu_min, acc.cpu_max, acc.first_seen, acc.last_seen, acc.longest_gap,
+         acc.st, acc.stt, acc.sc, acc.stc, acc.task_id, acc.status, hist, statuses) = data
+        acc.hist = dict(zip(hist[::2], hist[1::2]))
+        acc.statuses = dict(zip(statuses[::2], statuses[1::2]))
         return acc

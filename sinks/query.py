@@ -38,6 +38,7 @@ REQUESTS = Counter("hbreg_query_requests_total", "Query API requests", ["endpoin
 EVENT_MEMORY = 100_000
 EVENT_HISTORY_S = 24 * 3600
 RECENT_WINDOWS = 30
+MAX_WINDOWS = 10_000
 
 
 class BadRequest(Exception):
@@ -154,14 +155,21 @@ class Query:
         return self._agent(agent_id, json.loads(view) if view else None, latest, await self._clocks())
 
     async def _tumbling(self, agent_id: str, start: int, end: int) -> list[tuple[int, int, str, Accumulator, bool]]:
-        closed = await self.redis.zrangebyscore(self.names.query_windows(agent_id), start, end)
+        partition = partition_of(agent_id, self.settings.topic_partitions)
+        first = start - start % self.window_ms
+        starts = range(first, end + 1, self.window_ms)
+        pipe = self.redis.pipeline(transaction=False)
+        for window_start in starts:
+            pipe.hget(self.names.query_windows(partition, window_start), agent_id)
+        pipe.hget(self.names.query_open(partition), agent_id)
+        *closed, opened = await pipe.execute()
         rows = {}
         for raw in closed:
-            s, e, state, dump = json.loads(raw)
-            rows[s] = (s, e, state, Accumulator.load(dump), True)
-        opened = await self.redis.hget(self.names.query_open(partition_of(agent_id, self.settings.topic_partitions)), agent_id)
+            if raw is not None:
+                s, e, state, dump = json.loads(raw)
+                rows[s] = (s, e, state, Accumulator.load(dump), True)
         for s, e, dump in json.loads(opened) if opened else ():
-            if start <= s <= end and s not in rows:
+            if first <= s <= end and s not in rows:
                 rows[s] = (s, e, "", Accumulator.load(dump), False)
         return [rows[s] for s in sorted(rows)]
 
@@ -242,6 +250,10 @@ def build_app(query: Query, events: EventLog) -> web.Application:
             end = _int_param(request, "to", now)
             if start > end:
                 raise BadRequest(f"from: must not be after to ({start} > {end})")
+            retention_ms = int(query.settings.window_retention * 1000)
+            start = max(start, now - retention_ms - query.window_ms)  # nothing older is kept
+            if (end - start) // query.window_ms > MAX_WINDOWS:
+                raise BadRequest(f"from: at most {MAX_WINDOWS} windows per request; narrow from/to")
             size_ms = _size(request, query.window_ms)
             if await query.agent(agent_id) is None:
                 raise LookupError(f"agent {agent_id!r} is not known")

@@ -14,7 +14,7 @@ from heartbeat_registry.names import Names
 from heartbeat_registry.pb import hb
 from heartbeat_registry.settings import Settings
 from tests import procs
-from tests.fleet import Fleet
+from heartbeat_registry.bench.fleet import Fleet
 from tests.kafka_helpers import read_events
 from tests.processors.conftest import running_pipeline
 

@@ -1,4 +1,4 @@
-"""A simulated fleet with controlled timing, for the detection tests and benchmarks.
+"""A simulated fleet with controlled timing, for the detection benchmark and tests.
 
 Every agent has its own schedule (interval with jitter); each tick sends the agents that are due in one
 BeatBatch, so hundreds of agents cost one call per tick and their beat times stay precise. Agents can be
@@ -43,6 +43,7 @@ class Fleet:
         self.sent = 0
         self.stop = asyncio.Event()
         self.errors: list[str] = []
+        self.received: list[tuple[str, int]] = []  # (agent, receive time) of every accepted beat
 
     def kill(self, agent_id: str) -> int:
         """Silence `agent_id` until revived; returns the receive time of its last beat."""
@@ -76,5 +77,6 @@ class Fleet:
                     for agent in due:
                         agent.last_received = reply.received_ms
                         agent.beats += 1
+                        self.received.append((agent.agent_id, reply.received_ms))
                     self.sent += len(beats)
             await asyncio.sleep(TICK_S)

@@ -1,0 +1,181 @@
+"""`hbreg bench detection`: detection accuracy against the real pipeline.
+
+A fleet (default 1,000 agents, one beat a second with +-30% jitter) runs through the ingest, the bridge,
+Kafka and one faust worker (stall timeout 3 s) while the benchmark injects, on a schedule it records:
+- kills: an agent falls silent (and returns later): it must get exactly one `silent` stall;
+- pauses shorter than the timeout (half of it): they must get none;
+- hung tasks: RUNNING with CPU 0: each must get one `hung` stall;
+- one pipeline pause: the bridge is stopped (SIGSTOP) for twice the timeout: nobody may be stalled for it.
+It prints `false_positives` (stalls nobody earned, or repeated), `false_negatives` (kills or hung tasks
+without their stall) and `delay_p50_ms` / `delay_p99_ms`: stall event time (the worker's wall clock when
+it sent the event) minus the deadline (last beat + timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import signal
+import time
+import urllib.request
+from typing import Any
+
+from heartbeat_registry import embedded
+from heartbeat_registry.bench.common import embedded_kafka, embedded_valkey, workdir
+from heartbeat_registry.bench.fleet import Fleet
+from heartbeat_registry.bench.pipeline import _run, _settings
+from heartbeat_registry.names import Names
+from heartbeat_registry.pb import hb
+from heartbeat_registry.settings import Settings
+
+TIMEOUT_S = 3.0
+WINDOW_S = 5.0
+INTERVAL_S = 1.0
+HUNG_AGENTS = 10
+
+
+@dataclasses.dataclass
+class Truth:
+    kills: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # agent -> last beat before each kill
+    paused: list[str] = dataclasses.field(default_factory=list)
+    hung: list[str] = dataclasses.field(default_factory=list)
+
+
+async def scenario(settings: Settings, agents: int, duration: float, bridge: Any) -> Truth:
+    import grpc
+
+    from heartbeat_registry.pb import hb_grpc
+
+    rng = random.Random(42)
+    names = [f"fleet-{i:04d}" for i in range(agents)]
+    truth = Truth(hung=names[:HUNG_AGENTS])
+    candidates = names[HUNG_AGENTS:]
+    rng.shuffle(candidates)
+    async with grpc.aio.insecure_channel(settings.grpc_addr) as channel:
+        fleet = Fleet(hb_grpc.HeartbeatServiceStub(channel), names, interval=INTERVAL_S, jitter=0.3, seed=7)
+        runner = asyncio.create_task(fleet.run())
+        await asyncio.sleep(12)  # every agent has a beat history for phi
+        for agent in truth.hung:
+            fleet.agents[agent].cpu = 0.0
+        begin = time.monotonic()
+        pause_at = duration / 2
+        paused_pipeline = False
+        revive: list[tuple[float, str]] = []
+        while (elapsed := time.monotonic() - begin) < duration:
+            if not paused_pipeline and elapsed >= pause_at:
+                paused_pipeline = True
+                bridge.send_signal(signal.SIGSTOP)
+                await asyncio.sleep(2 * TIMEOUT_S)
+                bridge.send_signal(signal.SIGCONT)
+                continue
+            # no new kills around the pipeline pause: their stalls would be late by the pause itself
+            quiet = pause_at - 2 * TIMEOUT_S <= elapsed <= pause_at + 4 * TIMEOUT_S
+            if not quiet and candidates:
+                agent = candidates.pop()
+                if rng.random() < 0.5:
+                    truth.kills.setdefault(agent, []).append(fleet.kill(agent))
+                    revive.append((time.monotonic() + TIMEOUT_S + 3 + rng.uniform(0, 2), agent))
+                else:
+                    truth.paused.append(agent)
+                    fleet.pause(agent, 0.5 * TIMEOUT_S)
+            now = time.monotonic()
+            for item in [r for r in revive if r[0] <= now]:
+                fleet.revive(item[1])
+                revive.remove(item)
+            await asyncio.sleep(0.5)
+        for _, agent in revive:
+            fleet.revive(agent)
+        await asyncio.sleep(WINDOW_S + 5)  # the last windows close, the last returns recover
+        fleet.stop.set()
+        await runner
+    return truth
+
+
+async def read_events(settings: Settings, wait: float = 3.0) -> list[hb.AgentEvent]:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(Names.of(settings).events_topic, bootstrap_servers=settings.kafka_bootstrap,
+                                group_id=None, auto_offset_reset="earliest")
+    await consumer.start()
+    out: list[hb.AgentEvent] = []
+    try:
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=300)).values():
+                out.extend(hb.AgentEvent.FromString(r.value) for r in records)
+    finally:
+        await consumer.stop()
+    return out
+
+
+def score(truth: Truth, events: list[hb.AgentEvent], timeout_ms: int) -> dict[str, Any]:
+    """Match stall events to the injected faults; everything unmatched is a false positive."""
+    from heartbeat_registry.bench.common import latency_summary
+
+    open_kills = {a: sorted(ls) for a, ls in truth.kills.items()}
+    hung_left = set(truth.hung)
+    false_positives = 0
+    delays = []
+    for event in (e for e in events if e.type == hb.STALL):
+        kills = open_kills.get(event.agent_id, [])
+        # the beat in flight when the agent was killed may still land: up to one interval later
+        match = next((last for last in kills if last <= event.last_seen_ms <= last + 1500), None)
+        if event.reason == "silent" and match is not None:
+            kills.remove(match)
+            delays.append((event.emitted_at_ms - (event.last_seen_ms + timeout_ms)) / 1000)
+        elif event.reason == "hung" and event.agent_id in hung_left:
+            hung_left.discard(event.agent_id)
+        else:
+            false_positives += 1
+    summary = latency_summary(delays)
+    return {
+        "false_positives": false_positives,
+        "false_negatives": sum(len(ls) for ls in open_kills.values()) + len(hung_left),
+        "delay_p50_ms": summary["p50_ms"],
+        "delay_p99_ms": summary["p99_ms"],
+        "delay_max_ms": round(max(delays) * 1000, 1) if delays else 0.0,
+        "kills": sum(len(ls) for ls in truth.kills.values()),
+        "pauses": len(truth.paused),
+        "hung": len(truth.hung),
+        "pipeline_pauses": 1,
+        "pipeline_lag_events": sum(1 for e in events if e.type == hb.PIPELINE_LAG),
+        "mass_silence_events": sum(1 for e in events if e.type == hb.MASS_SILENCE),
+        "recoveries": sum(1 for e in events if e.type == hb.RECOVERY),
+    }
+
+
+def _worker_ready(addr: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://{addr}/healthz", timeout=1) as response:
+                if json.load(response)["partitions"]:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("the worker did not join its consumer group")
+
+
+def run(agents: int, duration: float, redis_url: str | None, kafka_bootstrap: str | None) -> dict[str, Any]:
+    with workdir() as tmp, contextlib.ExitStack() as stack:
+        if redis_url is None:
+            redis_url = stack.enter_context(embedded_valkey(tmp))
+        if kafka_bootstrap is None:
+            kafka_bootstrap = stack.enter_context(embedded_kafka(tmp))
+        settings = _settings(
+            Settings(redis_url=redis_url, kafka_bootstrap=kafka_bootstrap, state_dir=tmp / "state"), "d",
+            stall_timeout=TIMEOUT_S, window_size=WINDOW_S, hung_cpu=0.05, lag_alert=TIMEOUT_S / 2,
+        )
+        running = {c: stack.enter_context(_run(settings, c, tmp)) for c in ("ingest", "bridge", "worker")}
+        host, _, port = settings.grpc_addr.rpartition(":")
+        embedded.wait_port(host, int(port), 60, "ingest")
+        _worker_ready(settings.worker_web_addr)
+        truth = asyncio.run(scenario(settings, agents, duration, running["bridge"]))
+        events = asyncio.run(read_events(settings))
+        return {"machine": {"cpus": os.cpu_count()}, "agents": agents, "duration_s": duration,
+                "timeout_s": TIMEOUT_S, **score(truth, events, int(TIMEOUT_S * 1000))}
