@@ -151,6 +151,7 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    args.duration = args.duration or {"ingest": 10.0, "pipeline": 20.0, "detection": 60.0}[args.suite]
     if args.suite == "ingest":
         from heartbeat_registry.bench import ingest
 
@@ -341,8 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeats", type=_positive_int, default=1_000_000, help="pipeline: backlog size")
     p.add_argument("--agents", type=_positive_int, default=1000, help="detection: fleet size")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--duration", type=_seconds, default=10.0,
-                   help="seconds of measurement per mode (pipeline: of the live phase; detection: of the run)")
+    p.add_argument("--duration", type=_seconds, default=None,
+                   help="seconds of measurement per mode (default 10); pipeline: of the live phase (default 20); "
+                        "detection: of the fault schedule (default 60)")
     p.add_argument("--modes", default="beat,batch,stream,fleet", help="comma-separated modes to run")
     p.set_defaults(func=cmd_bench)
 

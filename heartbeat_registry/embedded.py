@@ -150,7 +150,6 @@ def kafka_command(port: int, data_dir: pathlib.Path) -> list[str]:
         f"-Xmx{KAFKA_HEAP}",
         "-Xms128m",
         "-XX:+UseSerialGC",
-        "-XX:TieredStopAtLevel=1",
         "-Xshare:auto",
         f"-Dlog4j2.configurationFile={PROJECT_ROOT / 'infra' / 'kafka' / 'log4j2.properties'}",
         "-cp",

@@ -42,9 +42,9 @@ class Names:
         """Hash agent_id -> liveness view of the agent (JSON), one per partition."""
         return f"{self.key_prefix}:q:agents:{partition}"
 
-    def query_open(self, partition: int) -> str:
-        """Hash agent_id -> the agent's open windows so far (JSON), one per partition."""
-        return f"{self.key_prefix}:q:open:{partition}"
+    def query_open(self, partition: int, window_start: int) -> str:
+        """Hash agent_id -> the agent's window so far (JSON) while it is open, one per partition and window."""
+        return f"{self.key_prefix}:q:open:{partition}:{window_start}"
 
     def query_windows(self, partition: int, window_start: int) -> str:
         """Hash agent_id -> the agent's closed window (JSON) starting then, one per partition and window."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import faust
@@ -25,12 +24,12 @@ from heartbeat_registry.pb import hb
 from heartbeat_registry.settings import Settings
 from processors import metrics
 from processors.liveness import Rules
-from processors.partition import SNAPSHOT_CHUNKS, ClosedWindow, PartitionState
+from processors.partition import SNAPSHOT_CHUNKS, PartitionState
 from processors.publish import QueryStore
 
 log = logging.getLogger(__name__)
-ROWS_PER_CHUNK = 1000  # keeps one window table value well under Kafka's 1 MB record limit
 PUBLISH_EVERY_S = 0.1
+WINDOW_CHUNKS_PER_RECORD = 2
 LAG_CHECK_EVERY_S = 0.25
 
 
@@ -48,12 +47,6 @@ def rules_of(settings: Settings) -> Rules:
         mass_min=settings.mass_silence_min,
         mass_hold_ms=int(settings.mass_silence_hold * 1000),
     )
-
-
-def _chunks(closed: ClosedWindow) -> Iterator[tuple[int, dict[str, Any]]]:
-    items = list(closed.rows.items())
-    for n in range(0, max(len(items), 1), ROWS_PER_CHUNK):
-        yield n // ROWS_PER_CHUNK, {agent: acc.dump() for agent, acc in items[n : n + ROWS_PER_CHUNK]}
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -89,7 +82,7 @@ def create_app(settings: Settings) -> faust.App:
     events_topic = app.topic(names.events_topic, key_serializer="raw", value_serializer="raw", partitions=partitions)
     # "p<partition>" -> PartitionState.snapshot_meta(); "p<partition>/<chunk>" -> {agent_id: Agent.dump()}
     snapshots = app.Table("snapshots", default=dict, partitions=partitions)
-    # tumbling windows; key "p<partition>c<chunk>" -> {agent_id: Accumulator.dump()}
+    # tumbling windows; key "p<partition>c<chunk>" -> {agent_id: Accumulator.summary()}
     windows = app.Table("windows", default=dict, partitions=partitions).tumbling(
         settings.window_size, expires=settings.window_retention
     )
@@ -99,11 +92,26 @@ def create_app(settings: Settings) -> faust.App:
     )
     lag = {"raised": False}
 
+    def last_beats(partition: int, since: int) -> dict[str, int]:
+        """agent -> newest beat in the window rows of `partition` that end after `since` (ms)."""
+        prefix = f"p{partition}c"
+        seen: dict[str, int] = {}
+        for (key, (_, end)), rows in windows.table.data.items():
+            if key.startswith(prefix) and end * 1000 > since:
+                for agent, row in rows.items():
+                    if row[4] > seen.get(agent, 0):
+                        seen[agent] = row[4]
+        return seen
+
     def state_of(partition: int) -> PartitionState:
         state = states.get(partition)
         if state is None:
+            meta = snapshots.get(f"p{partition}")
             chunks = [snapshots.get(f"p{partition}/{c}") for c in range(SNAPSHOT_CHUNKS)]
-            state = PartitionState.restore(partition, window_ms, rules, snapshots.get(f"p{partition}"), chunks)
+            # an alive agent beat within the timeout, so rows that ended before that cannot be newer
+            since = (meta or {}).get("closed_until", 0) - rules.timeout_ms - 2 * window_ms
+            seen = last_beats(partition, since) if meta else {}
+            state = PartitionState.restore(partition, window_ms, rules, meta, chunks, seen)
             states[partition] = state
             metrics.WORKER_AGENTS.set(sum(len(s.liveness.agents) for s in states.values()))
         return state
@@ -142,14 +150,13 @@ def create_app(settings: Settings) -> faust.App:
             events.extend(more)
             for agent_event in events:
                 await emit(agent_event)
-            for window in closed:
-                table = windows.relative_to(window.start / 1000)
-                for chunk, rows in _chunks(window):
-                    table[f"p{partition}c{chunk}"] = rows
-            if closed or events:
+            written = state.written_until
+            for window, chunk, rows in state.next_window_chunks(WINDOW_CHUNKS_PER_RECORD):
+                windows.relative_to(window.start / 1000)[f"p{partition}c{chunk}"] = rows
+            for chunk, agents in state.dirty_chunks().items():
+                snapshots[f"p{partition}/{chunk}"] = agents
+            if state.written_until != written or events:
                 snapshots[f"p{partition}"] = state.snapshot_meta()
-                for chunk, agents in state.dirty_chunks().items():
-                    snapshots[f"p{partition}/{chunk}"] = agents
             metrics.WORKER_HEARTBEATS.inc(len(cols.agent_id))
             state.hold(event, newest)
             for ready in state.releasable():

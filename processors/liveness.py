@@ -153,6 +153,9 @@ class Liveness:
         self.agents: dict[str, Agent] = {}
         self.watermark = 0
         self.mass: dict[int, set[str]] = {}  # mass silence (pipeline time it began) -> agents still held
+        # agents whose state, task or episode changed since the caller last took this set; last_seen
+        # alone does not count (it changes every beat, and window rows keep it durable)
+        self.changed: set[str] = set()
         self._mass_back: dict[int, int] = {}  # how many of that cohort came back
         self._wheel: dict[int, set[str]] = {}
         self._next_bucket = -1
@@ -160,9 +163,13 @@ class Liveness:
 
     # --- persistence --------------------------------------------------------------------------
 
-    def restore(self, agents: Iterable[Agent], watermark: int, mass: dict[int, list[str]]) -> None:
+    def restore(
+        self, agents: Iterable[Agent], watermark: int, mass: dict[int, list[str]], seen: dict[str, int]
+    ) -> None:
+        """`seen`: newer last beats than the snapshot knows (from the closed window rows)."""
         self.watermark = watermark
         for agent in agents:
+            agent.last_seen = max(agent.last_seen, seen.get(agent.agent_id, 0))
             self.agents[agent.agent_id] = agent
             if agent.state in (ALIVE, RECOVERED) and agent.status not in _LEAVING:
                 self._schedule(agent, agent.last_seen + self._offset(agent))
@@ -177,6 +184,7 @@ class Liveness:
         if agent is None:
             agent = self.agents[agent_id] = Agent(agent_id)
             agent.since = received
+            self.changed.add(agent_id)
         elif received <= agent.last_seen:
             return None  # replayed or out of order: already reflected
         rules = self.rules
@@ -184,6 +192,8 @@ class Liveness:
             interval = received - agent.last_seen
             if interval < rules.timeout_ms:  # an outage is no sample of the beat rhythm
                 agent.add_interval(interval)
+        if task_id != agent.task_id or status != agent.status:
+            self.changed.add(agent_id)
         if status == hb.RUNNING:
             if agent.status != hb.RUNNING or task_id != agent.task_id or not agent.task_started:
                 agent.task_started = received
@@ -404,11 +414,11 @@ class Liveness:
             figures=figures,
         )
 
-    @staticmethod
-    def _set(agent: Agent, state: str, at: int) -> None:
+    def _set(self, agent: Agent, state: str, at: int) -> None:
         if agent.state != state:
             agent.state = state
             agent.since = at
+            self.changed.add(agent.agent_id)
 
     # --- the deadline wheel -------------------------------------------------------------------
 

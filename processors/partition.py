@@ -2,10 +2,15 @@
 and the Kafka records it may not acknowledge yet.
 
 Crash semantics: a record is acknowledged only once every window it fed has been closed and written
-to the table, so the committed offset never passes data of an open window. After a crash or a
-rebalance the partition is rebuilt from its table snapshot and the records after the committed
-offset are replayed; heartbeats of windows the snapshot already closed are dropped, so every window
-is counted exactly once, and liveness ignores beats it has already seen, so no event repeats.
+to the `windows` table, so the committed offset never passes data of an open window. After a crash or a
+rebalance the partition is rebuilt from its snapshot (agents' states, written when they change) and the
+last closed window rows (their newest beats), and the records after the committed offset are replayed;
+heartbeats of windows already written are dropped, so every window is counted exactly once, and
+liveness ignores beats it has already seen, so no event repeats.
+
+Closing a window writes one row per agent; for a large fleet those rows go out a few chunks per record
+processed (`WINDOW_CHUNKS_PER_RECORD`), not all at once: one burst of megabytes into the changelog held
+up the consumer for a second or more.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from processors.liveness import Agent, Liveness, Rules
 from processors.windows import Accumulator
 
 SNAPSHOT_CHUNKS = 16  # a partition's liveness snapshot is kept in this many table values
+ROWS_PER_CHUNK = 1000  # window rows per `windows` table value
 
 
 def chunk_of(agent_id: str) -> int:
@@ -25,13 +31,17 @@ def chunk_of(agent_id: str) -> int:
 
 
 class ClosedWindow:
-    __slots__ = ("start", "end", "rows", "states")
+    __slots__ = ("start", "end", "rows", "states", "pending", "chunks")
 
     def __init__(self, start: int, end: int, rows: dict[str, Accumulator], states: dict[str, str]) -> None:
         self.start = start
         self.end = end
         self.rows = rows
         self.states = states  # agent -> liveness state at the window's close
+        self.pending: list[str] | None = None  # agents whose row is not published yet
+        agents = list(rows)
+        # (chunk number, agents) still to write to the `windows` table
+        self.chunks = [(n // ROWS_PER_CHUNK, agents[n : n + ROWS_PER_CHUNK]) for n in range(0, len(agents), ROWS_PER_CHUNK)]
 
 
 class PartitionState:
@@ -45,7 +55,9 @@ class PartitionState:
         self.dirty: set[str] = set()  # agents changed since the last snapshot write
         self.touched: set[str] = set()  # agents that beat since the last publish to the query store
         self.changed: set[str] = set()  # agents whose liveness state changed since the last publish
+        self.shown: set[str] = set()  # agents whose liveness view the query store has
         self.unpublished: list[ClosedWindow] = []
+        self.unwritten: list[ClosedWindow] = []  # closed, rows not all in the `windows` table yet
         self.offset = -1  # newest Kafka offset folded in since this state was built
         self._held: list[tuple[Any, int]] = []  # (faust event, newest window start it fed)
 
@@ -53,18 +65,26 @@ class PartitionState:
 
     @classmethod
     def restore(
-        cls, partition: int, window_ms: int, rules: Rules, meta: dict | None, chunks: list[dict | None]
+        cls, partition: int, window_ms: int, rules: Rules, meta: dict | None, chunks: list[dict | None],
+        seen: dict[str, int],
     ) -> PartitionState:
+        """`seen`: agent -> newest last beat in the written window rows."""
         state = cls(partition, window_ms, rules)
         if meta:
             state.closed_until = meta["closed_until"]
             agents = (Agent.load(a, d) for chunk in chunks if chunk for a, d in chunk.items())
-            state.liveness.restore(agents, meta["watermark"], meta.get("mass", {}))
+            state.liveness.restore(agents, meta["watermark"], meta.get("mass", {}), seen)
+            state.liveness.changed.clear()
         return state
+
+    @property
+    def written_until(self) -> int:
+        """Windows ending at or before this are closed and written: their records may be acknowledged."""
+        return self.unwritten[0].start if self.unwritten else self.closed_until
 
     def snapshot_meta(self) -> dict[str, Any]:
         return {
-            "closed_until": self.closed_until,
+            "closed_until": self.written_until,
             "watermark": self.liveness.watermark,
             "mass": {str(k): sorted(v) for k, v in self.liveness.mass.items()},
         }
@@ -94,7 +114,6 @@ class PartitionState:
         agents = liveness.agents
         open_windows = self.open
         touched = self.touched
-        dirty = self.dirty
         for agent_id, task_id, status, cpu, received in zip(
             cols.agent_id, cols.task_id, cols.status, cols.cpu_util, cols.received_ms
         ):
@@ -104,7 +123,6 @@ class PartitionState:
             if event is not None:
                 events.append(event)
             touched.add(agent_id)
-            dirty.add(agent_id)
             if received < closed_until:
                 self.late += 1
                 continue
@@ -118,7 +136,7 @@ class PartitionState:
             acc.add(received, cpu, status, task_id, start, previous)
             if start > newest:
                 newest = start
-        self.note(events)
+        self._take_changes()
         return events, newest
 
     def advance(self, watermark: int) -> tuple[list[hb.AgentEvent], list[ClosedWindow]]:
@@ -136,23 +154,38 @@ class PartitionState:
         if not closed and watermark - watermark % self.window_ms > self.closed_until:
             # idle partition: its clock still closes windows, so replays never reopen them
             self.closed_until = watermark - watermark % self.window_ms
-        self.note(events)
+        self._take_changes()
         self.unpublished.extend(closed)
+        self.unwritten.extend(closed)
         return events, closed
 
-    def note(self, events: list[hb.AgentEvent]) -> None:
-        """Remember the agents these events changed, for the snapshot and the query store."""
-        for event in events:
-            changed = [event.agent_id] if event.agent_id else list(event.agent_ids)
-            self.dirty.update(changed)
-            self.changed.update(changed)
+    def next_window_chunks(self, limit: int) -> list[tuple[ClosedWindow, int, dict[str, list[Any]]]]:
+        """Up to `limit` (window, chunk, rows) to write to the `windows` table now, oldest first."""
+        out = []
+        while self.unwritten and len(out) < limit:
+            window = self.unwritten[0]
+            if window.chunks:
+                chunk, agents = window.chunks.pop(0)
+                out.append((window, chunk, {a: window.rows[a].summary() for a in agents}))
+            if not window.chunks:
+                self.unwritten.pop(0)
+        return out
+
+    def _take_changes(self) -> None:
+        """Agents whose state changed: for the snapshot and the query store."""
+        changed = self.liveness.changed
+        if changed:
+            self.dirty |= changed
+            self.changed |= changed
+            changed.clear()
 
     def hold(self, event: Any, newest_window: int) -> None:
         self._held.append((event, newest_window))
 
     def releasable(self) -> list[Any]:
-        """Held records whose windows are all closed: safe to acknowledge now."""
-        ready = [e for e, w in self._held if w + self.window_ms <= self.closed_until]
+        """Held records whose windows are all closed and written: safe to acknowledge now."""
+        until = self.written_until
+        ready = [e for e, w in self._held if w + self.window_ms <= until]
         if ready:
-            self._held = [(e, w) for e, w in self._held if w + self.window_ms > self.closed_until]
+            self._held = [(e, w) for e, w in self._held if w + self.window_ms > until]
         return ready

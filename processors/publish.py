@@ -4,30 +4,52 @@ Every `interval` a worker writes, in one pipelined round trip:
 - each closed window as one hash per partition and window (agent -> row), expiring with the retention;
 - the liveness view of the agents whose state changed or whose window closed (the freshest beat itself
   is in the ingest's registry already);
-- while the worker is live (its clock near the wall clock), the open windows of the agents that beat, so
-  a heartbeat shows in its window row long before the window closes; while it works off a backlog those
-  rows would be stale the moment they are written, so it skips them;
+- while the worker is live (its clock near the wall clock), the open windows of the agents that beat, one
+  hash per partition and window, so a heartbeat shows in its window row long before the window closes
+  (working off a backlog those rows would be stale the moment they are written, so it skips them); once
+  a window's closed rows are all out, its open hash is deleted;
 - each partition's watermark, the clock the API judges phi and silence by.
 These are the detector's own in-memory tables written out as they are, not a second computation.
 """
 
 from __future__ import annotations
 
-import json
 import time
+
+import orjson
 
 import redis.asyncio as aioredis
 
 from heartbeat_registry.names import Names
 from processors.liveness import Agent, Liveness
-from processors.partition import PartitionState
+from processors.partition import ClosedWindow, PartitionState
 
 LIVE_WITHIN_MS = 5000
+# closed rows written per publish (every 100 ms), so that closing the windows of a large fleet, which all
+# end at once, does not stall the worker for one long write (until then the open row shows the same counts)
+ROWS_PER_PUBLISH = 2000
+REFRESH_WINDOWS = 6
+
+
+def _take(state: PartitionState, budget: int) -> list[tuple[ClosedWindow, list[str]]]:
+    """Up to `budget` closed rows not yet published, oldest windows first."""
+    out = []
+    while state.unpublished and budget > 0:
+        window = state.unpublished[0]
+        if window.pending is None:
+            window.pending = list(window.rows)
+        chunk, window.pending = window.pending[:budget], window.pending[budget:]
+        if chunk:
+            out.append((window, chunk))
+            budget -= len(chunk)
+        if not window.pending:
+            state.unpublished.pop(0)
+    return out
 
 
 def agent_view(liveness: Liveness, agent: Agent) -> str:
     stats = agent.stats(liveness.rules)
-    return json.dumps([
+    return orjson.dumps([
         agent.task_id, agent.status, round(agent.cpu, 4), agent.last_seen, agent.state, agent.reason,
         agent.since, None if stats is None else round(stats[0], 1), None if stats is None else round(stats[1], 1),
     ])
@@ -48,37 +70,34 @@ class QueryStore:
             liveness = state.liveness
             touched, state.touched = state.touched, set()
             changed, state.changed = state.changed, set()
-            closed, state.unpublished = state.unpublished, []
             ended: set[str] = set()
-            for window in closed:
-                if window.rows:
-                    key = names.query_windows(partition, window.start)
-                    pipe.hset(key, mapping={
-                        a: json.dumps([window.start, window.end, window.states.get(a, ""), acc.dump()])
-                        for a, acc in window.rows.items()
-                    })
-                    pipe.pexpireat(key, window.end + self._retention_ms)
-                    ended.update(window.rows)
-            views = {a: agent_view(liveness, liveness.agents[a]) for a in changed | ended if a in liveness.agents}
+            for window, agents in _take(state, ROWS_PER_PUBLISH // max(len(states), 1)):
+                key = names.query_windows(partition, window.start)
+                pipe.hset(key, mapping={
+                    a: orjson.dumps([window.start, window.end, window.states.get(a, ""), window.rows[a].dump()])
+                    for a in agents
+                })
+                pipe.pexpireat(key, window.end + self._retention_ms)
+                ended.update(agents)
+                if not window.pending:  # every closed row is out: the open rows of the window go
+                    pipe.delete(names.query_open(partition, window.start))
+            # views: on state changes, for agents not shown yet, and to refresh the phi model once per
+            # `REFRESH_WINDOWS` windows per agent (spread, so no window close rewrites every agent)
+            fresh = changed | (touched - state.shown)
+            turn = state.closed_until // state.window_ms % REFRESH_WINDOWS
+            fresh.update(a for a in ended if hash(a) % REFRESH_WINDOWS == turn)
+            views = {a: agent_view(liveness, liveness.agents[a]) for a in fresh if a in liveness.agents}
+            state.shown.update(views)
             if views:
                 pipe.hset(names.query_agents(partition), mapping=views)
-            if now - liveness.watermark < LIVE_WITHIN_MS:
-                opened = {}
-                for agent_id in touched | ended:
-                    rows = [
-                        [start, start + state.window_ms, state.open[start][agent_id].dump()]
-                        for start in sorted(state.open) if agent_id in state.open[start]
-                    ]
-                    if rows:
-                        opened[agent_id] = json.dumps(rows)
-                if opened:
-                    pipe.hset(names.query_open(partition), mapping=opened)
-                gone = [a for a in ended if a not in opened]
-                if gone:
-                    pipe.hdel(names.query_open(partition), *gone)
-            elif closed:  # working off a backlog: open rows are not kept, closed ones supersede them
-                pipe.delete(names.query_open(partition))
-            pipe.hset(names.query_clock, str(partition), json.dumps([liveness.watermark, now]))
+            if touched and now - liveness.watermark < LIVE_WITHIN_MS:
+                for start, rows in state.open.items():
+                    beat = {a: orjson.dumps(rows[a].dump()) for a in touched if a in rows}
+                    if beat:
+                        key = names.query_open(partition, start)
+                        pipe.hset(key, mapping=beat)
+                        pipe.pexpireat(key, start + state.window_ms + self._retention_ms)
+            pipe.hset(names.query_clock, str(partition), orjson.dumps([liveness.watermark, now]))
         commands = len(pipe)
         if commands:
             await pipe.execute()

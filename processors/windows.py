@@ -100,7 +100,15 @@ class Accumulator:
             return 0.0
         return (n * self.stc - self.st * self.sc) / denom
 
-    # durable form, for the faust table and the query store (JSON): flat, so dumping is cheap
+    def summary(self) -> list[Any]:
+        """The window's row in the faust `windows` table: small, because every window close writes one
+        per agent to the changelog: [beats, cpu_mean, cpu_min, cpu_max, last_seen, longest_gap, task_id, status]."""
+        return [
+            self.beats, round(self.cpu_sum / self.beats, 4) if self.beats else 0.0, round(self.cpu_min, 4),
+            round(self.cpu_max, 4), self.last_seen, self.longest_gap, self.task_id, self.status,
+        ]
+
+    # full form, for the query store (JSON): flat, so dumping is cheap
     def dump(self) -> list[Any]:
         flat_hist = [x for item in self.hist.items() for x in item]
         flat_statuses = [x for item in self.statuses.items() for x in item]

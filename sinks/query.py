@@ -161,17 +161,17 @@ class Query:
         pipe = self.redis.pipeline(transaction=False)
         for window_start in starts:
             pipe.hget(self.names.query_windows(partition, window_start), agent_id)
-        pipe.hget(self.names.query_open(partition), agent_id)
-        *closed, opened = await pipe.execute()
-        rows = {}
-        for raw in closed:
-            if raw is not None:
-                s, e, state, dump = json.loads(raw)
-                rows[s] = (s, e, state, Accumulator.load(dump), True)
-        for s, e, dump in json.loads(opened) if opened else ():
-            if first <= s <= end and s not in rows:
-                rows[s] = (s, e, "", Accumulator.load(dump), False)
-        return [rows[s] for s in sorted(rows)]
+            pipe.hget(self.names.query_open(partition, window_start), agent_id)
+        replies = await pipe.execute()
+        rows = []
+        for window_start, closed, opened in zip(starts, replies[::2], replies[1::2]):
+            if closed is not None:
+                s, e, state, dump = json.loads(closed)
+                rows.append((s, e, state, Accumulator.load(dump), True))
+            elif opened is not None:
+                end_ms = window_start + self.window_ms
+                rows.append((window_start, end_ms, "", Accumulator.load(json.loads(opened)), False))
+        return rows
 
     async def windows(self, agent_id: str, start: int, end: int, size_ms: int) -> list[dict]:
         if size_ms == self.window_ms:

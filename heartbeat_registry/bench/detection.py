@@ -87,11 +87,13 @@ async def scenario(settings: Settings, agents: int, duration: float, bridge: Any
                 fleet.revive(item[1])
                 revive.remove(item)
             await asyncio.sleep(0.5)
-        for _, agent in revive:
+        for at, agent in sorted(revive):  # every kill stays silent past its deadline
+            await asyncio.sleep(max(0.0, at - time.monotonic()))
             fleet.revive(agent)
         await asyncio.sleep(WINDOW_S + 5)  # the last windows close, the last returns recover
         fleet.stop.set()
         await runner
+        await fleet.leave()
     return truth
 
 

@@ -58,6 +58,13 @@ class Fleet:
         agent.silent_until = 0.0
         agent.next_at = time.monotonic()
 
+    async def leave(self) -> None:
+        """Every agent says STOPPING: the silence after the run is no stall and no outage."""
+        beats = [hb.Heartbeat(agent_id=a, task_id="", status=hb.STOPPING, timestamp=int(time.time() * 1000),
+                              cpu_util=0.0) for a in self.agents]
+        for first in range(0, len(beats), 1000):
+            await self.stub.BeatBatch(hb.BeatBatchRequest(heartbeats=beats[first:first + 1000]), timeout=10)
+
     async def run(self) -> None:
         while not self.stop.is_set():
             now = time.monotonic()

@@ -161,7 +161,7 @@ def test_replayed_beats_change_nothing() -> None:
     live.beat("a", "t", hb.RUNNING, 0.5, 1000)
     live.advance(4000)
     restored = make()
-    restored.restore([Agent.load("a", live.agents["a"].dump())], live.watermark, {})
+    restored.restore([Agent.load("a", live.agents["a"].dump())], live.watermark, {}, {})
     assert restored.beat("a", "t", hb.RUNNING, 0.5, 1000) is None  # the replay of the last beat
     assert restored.advance(9000) == []  # same episode: no second stall
 
@@ -170,7 +170,7 @@ def test_restored_alive_agent_is_watched() -> None:
     live = make()
     live.beat("a", "t", hb.RUNNING, 0.5, 1000)
     restored = make()
-    restored.restore([Agent.load("a", live.agents["a"].dump())], 1500, {})
+    restored.restore([Agent.load("a", live.agents["a"].dump())], 1500, {}, {})
     assert [e.agent_id for e in restored.advance(3000)] == ["a"]
 
 

@@ -59,8 +59,13 @@ def test_windows_close_on_watermark_and_replays_are_dropped() -> None:
     assert closed == []
     events, closed = state.advance(10_000)
     assert [(w.start, {k: v.beats for k, v in w.rows.items()}) for w in closed] == [(0, {"a": 2, "b": 1})]
-    # a replay of the first window's data after it closed is dropped, the open window still counts
-    restored = PartitionState.restore(0, 10_000, RULES, state.snapshot_meta(), list(state.dirty_chunks().values()))
+    # crashed before the closed window's rows were written: the replay counts it again, exactly
+    unwritten = PartitionState.restore(0, 10_000, RULES, state.snapshot_meta(), list(state.dirty_chunks().values()), {})
+    unwritten.add(cols([("a", 1000), ("a", 2000), ("b", 9000), ("a", 12_000)], 10_000))
+    assert unwritten.late == 0
+    state.next_window_chunks(10)
+    # once written, a replay of the first window's data is dropped; the open window still counts
+    restored = PartitionState.restore(0, 10_000, RULES, state.snapshot_meta(), [], {"a": 12_000})
     restored.add(cols([("a", 1000), ("a", 2000), ("b", 9000), ("a", 12_000)], 10_000))
     assert restored.late == 3
     _, closed = restored.advance(20_000)
@@ -74,6 +79,9 @@ def test_records_are_released_only_after_their_windows_close() -> None:
     _, newest = state.add(cols([("a", 11_000)], 0))
     state.hold("record-2", newest)
     state.advance(10_000)
+    assert state.releasable() == []  # closed, but its rows are not written yet
+    assert [(w.start, c, rows) for w, c, rows in state.next_window_chunks(5)] == [(0, 0, {"a": [1, 0.5, 0.5, 0.5, 1000, 0, "t", hb.RUNNING]})]
     assert state.releasable() == ["record-1"]
     state.advance(20_000)
+    state.next_window_chunks(5)
     assert state.releasable() == ["record-2"]
