@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
+import secrets
 import tempfile
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from heartbeat_registry import embedded
+from heartbeat_registry.settings import Settings
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -75,3 +79,33 @@ def embedded_kafka(directory: pathlib.Path) -> Iterator[str]:
 
 def hbreg_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "heartbeat_registry", *args]
+
+
+def base_settings(
+    stack: contextlib.ExitStack, tmp: pathlib.Path, redis_url: str | None, kafka_bootstrap: str | None
+) -> Settings:
+    """Settings for a benchmark: the given Redis and Kafka, or embedded ones started for the run."""
+    if redis_url is None:
+        redis_url = stack.enter_context(embedded_valkey(tmp))
+    if kafka_bootstrap is None:
+        kafka_bootstrap = stack.enter_context(embedded_kafka(tmp))
+    return Settings(redis_url=redis_url, kafka_bootstrap=kafka_bootstrap, state_dir=tmp / "state")
+
+
+def isolated(base: Settings, tag: str, **changes: Any) -> Settings:
+    """`base` with its own key and topic prefix and free ports, so runs never see each other's data."""
+    prefix = f"bench{tag}{secrets.token_hex(3)}"
+    return dataclasses.replace(
+        base, key_prefix=prefix, topic_prefix=prefix + "-", auth=False, log_level="WARNING",
+        grpc_addr=f"127.0.0.1:{embedded.free_port()}", http_addr=f"127.0.0.1:{embedded.free_port()}",
+        ingest_metrics_addr=f"127.0.0.1:{embedded.free_port()}", bridge_metrics_addr=f"127.0.0.1:{embedded.free_port()}",
+        worker_web_addr=f"127.0.0.1:{embedded.free_port()}", rate_limit=1000.0, rate_burst=1000.0, **changes,
+    )
+
+
+@contextlib.contextmanager
+def service(settings: Settings, command: str, log_dir: pathlib.Path) -> Iterator[subprocess.Popen]:
+    """`hbreg COMMAND` as a process configured by `settings`."""
+    env = {**os.environ, **settings.child_env()}
+    with process(hbreg_argv(command), env, log_dir / f"{command}-{settings.key_prefix}.log") as proc:
+        yield proc

@@ -25,9 +25,8 @@ import urllib.request
 from typing import Any
 
 from heartbeat_registry import embedded
-from heartbeat_registry.bench.common import embedded_kafka, embedded_valkey, workdir
+from heartbeat_registry.bench.common import base_settings, isolated, service, workdir
 from heartbeat_registry.bench.fleet import Fleet
-from heartbeat_registry.bench.pipeline import _run, _settings
 from heartbeat_registry.names import Names
 from heartbeat_registry.pb import hb
 from heartbeat_registry.settings import Settings
@@ -165,15 +164,11 @@ def _worker_ready(addr: str, timeout: float = 90.0) -> None:
 
 def run(agents: int, duration: float, redis_url: str | None, kafka_bootstrap: str | None) -> dict[str, Any]:
     with workdir() as tmp, contextlib.ExitStack() as stack:
-        if redis_url is None:
-            redis_url = stack.enter_context(embedded_valkey(tmp))
-        if kafka_bootstrap is None:
-            kafka_bootstrap = stack.enter_context(embedded_kafka(tmp))
-        settings = _settings(
-            Settings(redis_url=redis_url, kafka_bootstrap=kafka_bootstrap, state_dir=tmp / "state"), "d",
+        settings = isolated(
+            base_settings(stack, tmp, redis_url, kafka_bootstrap), "d",
             stall_timeout=TIMEOUT_S, window_size=WINDOW_S, hung_cpu=0.05, lag_alert=TIMEOUT_S / 2,
         )
-        running = {c: stack.enter_context(_run(settings, c, tmp)) for c in ("ingest", "bridge", "worker")}
+        running = {c: stack.enter_context(service(settings, c, tmp)) for c in ("ingest", "bridge", "worker")}
         host, _, port = settings.grpc_addr.rpartition(":")
         embedded.wait_port(host, int(port), 60, "ingest")
         _worker_ready(settings.worker_web_addr)

@@ -6,7 +6,8 @@
   record is acknowledged (offsets committed only after the windows it fed were written).
 - `hb_to_table_p50_ms` / `hb_to_table_p99_ms`: live at 10,000 heartbeats/s through the whole pipeline,
   from a heartbeat's acknowledgement to its count in its window row, read through the query API.
-- `worker_live_cpu_pct`: the worker's CPU during the live phase.
+- `worker_live_10000_cpu_pct` / `worker_live_20000_cpu_pct`: the worker's CPU (% of one core) live at
+  10,000 and 20,000 heartbeats/s.
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ import contextlib
 import dataclasses
 import json
 import os
-import secrets
 import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 from heartbeat_registry import embedded
-from heartbeat_registry.bench.common import embedded_kafka, embedded_valkey, hbreg_argv, latency_summary, process, workdir
+from heartbeat_registry.bench.common import base_settings, isolated, latency_summary, service, workdir
 from heartbeat_registry.names import Names, partition_of
 from heartbeat_registry.pb import hb
 from heartbeat_registry.settings import Settings
@@ -31,23 +31,6 @@ from heartbeat_registry.settings import Settings
 AGENTS = 20_000
 INTERVAL_MS = 2000
 PER_RECORD = 500
-
-
-def _settings(base: Settings, tag: str, **changes: Any) -> Settings:
-    prefix = f"bench{tag}{secrets.token_hex(3)}"
-    return dataclasses.replace(
-        base, key_prefix=prefix, topic_prefix=prefix + "-", auth=False, log_level="WARNING",
-        grpc_addr=f"127.0.0.1:{embedded.free_port()}", http_addr=f"127.0.0.1:{embedded.free_port()}",
-        ingest_metrics_addr=f"127.0.0.1:{embedded.free_port()}", bridge_metrics_addr=f"127.0.0.1:{embedded.free_port()}",
-        worker_web_addr=f"127.0.0.1:{embedded.free_port()}", rate_limit=1000.0, rate_burst=1000.0, **changes,
-    )
-
-
-@contextlib.contextmanager
-def _run(settings: Settings, command: str, log_dir: Any, **extra: str) -> Iterator[Any]:
-    env = {**os.environ, **settings.child_env(), **extra}
-    with process(hbreg_argv(command), env, log_dir / f"{command}-{settings.key_prefix}.log") as proc:
-        yield proc
 
 
 def _synthetic(total: int, partitions: int) -> Iterator[tuple[int, hb.HeartbeatColumns]]:
@@ -105,7 +88,7 @@ async def bridge_rate(settings: Settings, total: int, log_dir: Any) -> float:
             await pipe.execute()
     await pipe.execute()
     entries = sum([await client.xlen(s) for s in names.streams()])
-    with _run(settings, "bridge", log_dir):
+    with service(settings, "bridge", log_dir):
         first = None
         while True:
             await asyncio.sleep(0.05)
@@ -177,7 +160,7 @@ async def worker_rate(settings: Settings, total: int, workers: int, log_dir: Any
         for n in range(workers):
             own = dataclasses.replace(settings, worker_web_addr=f"127.0.0.1:{embedded.free_port()}")
             addrs.append(own.worker_web_addr)
-            stack.enter_context(_run(own, "worker", log_dir))
+            stack.enter_context(service(own, "worker", log_dir))
         first = None
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
@@ -190,16 +173,17 @@ async def worker_rate(settings: Settings, total: int, workers: int, log_dir: Any
     raise TimeoutError("the workers did not finish the backlog within 10 minutes")
 
 
-async def live_latency(settings: Settings, seconds: float, log_dir: Any) -> dict[str, float]:
-    """10,000 heartbeats/s (20,000 agents every 2 s, sent as relay batches of 1,000) through the whole
-    pipeline; probes measure acknowledgement -> count visible in the window row via the query API."""
+async def live(settings: Settings, seconds: float, log_dir: Any, interval_s: float, probe: bool) -> dict[str, float]:
+    """AGENTS agents beating every `interval_s` (sent as relay batches of 1,000) through the whole
+    pipeline; with `probe`, four probe agents measure acknowledgement -> count visible in the window row
+    via the query API."""
     import grpc
     import psutil
 
     from heartbeat_registry.pb import hb_grpc
 
     with contextlib.ExitStack() as stack:
-        running = {c: stack.enter_context(_run(settings, c, log_dir)) for c in ("ingest", "bridge", "worker", "query")}
+        running = {c: stack.enter_context(service(settings, c, log_dir)) for c in ("ingest", "bridge", "worker", "query")}
         for addr in (settings.grpc_addr, settings.http_addr, settings.worker_web_addr):
             host, _, port = addr.rpartition(":")
             embedded.wait_port(host, int(port), 60, addr)
@@ -223,10 +207,10 @@ async def live_latency(settings: Settings, seconds: float, log_dir: Any) -> dict
                     ])
                     await stub.BeatBatch(batch)
                     k += 1
-                    next_at += 0.1
+                    next_at += interval_s / 20
                     await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
-            async def probe(agent: str) -> None:
+            async def probe_agent(agent: str) -> None:
                 while not stop.is_set():
                     reply = await stub.Beat(hb.Heartbeat(agent_id=agent, task_id="t", status=hb.RUNNING,
                                                         timestamp=int(time.time() * 1000), cpu_util=0.5))
@@ -250,14 +234,17 @@ async def live_latency(settings: Settings, seconds: float, log_dir: Any) -> dict
             worker = psutil.Process(running["worker"].pid)
             cpu_before = sum(worker.cpu_times()[:2])
             wall = time.monotonic()
-            probes = [asyncio.create_task(probe(f"probe-{n}")) for n in range(4)]
+            probes = [asyncio.create_task(probe_agent(f"probe-{n}")) for n in range(4 if probe else 0)]
             await asyncio.sleep(seconds)
             cpu = (sum(worker.cpu_times()[:2]) - cpu_before) / (time.monotonic() - wall) * 100
             stop.set()
             await asyncio.gather(loader, *probes, return_exceptions=True)
+        rate = int(AGENTS / interval_s)
+        if not probe:
+            return {f"worker_live_{rate}_cpu_pct": round(cpu, 1)}
         summary = latency_summary(latencies)
         return {"hb_to_table_p50_ms": summary["p50_ms"], "hb_to_table_p99_ms": summary["p99_ms"],
-                "hb_to_table_samples": len(latencies), "worker_live_cpu_pct": round(cpu, 1)}
+                "hb_to_table_samples": len(latencies), f"worker_live_{rate}_cpu_pct": round(cpu, 1)}
 
 
 def _get_json(url: str) -> dict:
@@ -270,14 +257,11 @@ def _get_json(url: str) -> dict:
 
 def run(total: int, live_seconds: float, redis_url: str | None, kafka_bootstrap: str | None) -> dict[str, Any]:
     with workdir() as tmp, contextlib.ExitStack() as stack:
-        if redis_url is None:
-            redis_url = stack.enter_context(embedded_valkey(tmp))
-        if kafka_bootstrap is None:
-            kafka_bootstrap = stack.enter_context(embedded_kafka(tmp))
-        base = Settings(redis_url=redis_url, kafka_bootstrap=kafka_bootstrap, state_dir=tmp / "state")
+        base = base_settings(stack, tmp, redis_url, kafka_bootstrap)
         results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "heartbeats": total, "agents": AGENTS}
-        results["bridge_hb_per_s"] = round(asyncio.run(bridge_rate(_settings(base, "b"), total, tmp)), 1)
-        results["worker_hb_per_s"] = round(asyncio.run(worker_rate(_settings(base, "w"), total, 1, tmp)), 1)
-        results["workers2_hb_per_s"] = round(asyncio.run(worker_rate(_settings(base, "x"), total, 2, tmp)), 1)
-        results.update(asyncio.run(live_latency(_settings(base, "l"), live_seconds, tmp)))
+        results["bridge_hb_per_s"] = round(asyncio.run(bridge_rate(isolated(base, "b"), total, tmp)), 1)
+        results["worker_hb_per_s"] = round(asyncio.run(worker_rate(isolated(base, "w"), total, 1, tmp)), 1)
+        results["workers2_hb_per_s"] = round(asyncio.run(worker_rate(isolated(base, "x"), total, 2, tmp)), 1)
+        results.update(asyncio.run(live(isolated(base, "l"), live_seconds, tmp, interval_s=2.0, probe=True)))
+        results.update(asyncio.run(live(isolated(base, "m"), live_seconds, tmp, interval_s=1.0, probe=False)))
         return results

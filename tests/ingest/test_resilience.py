@@ -11,7 +11,6 @@ import subprocess
 import time
 
 import grpc
-import pytest
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 

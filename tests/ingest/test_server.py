@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from heartbeat_registry import registry
 from heartbeat_registry.names import Names, partition_of
-from heartbeat_registry.pb import hb, hb_grpc
+from heartbeat_registry.pb import hb
 from heartbeat_registry.settings import Settings
 
 

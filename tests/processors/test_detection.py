@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
-import time
 
 import pytest
 

@@ -71,7 +71,7 @@ async def test_window_rows_match_the_heartbeats_sent(pipeline_settings: Settings
             assert row["cpu_mean"] == pytest.approx(sum(cpus) / len(cpus), abs=1e-3)
             assert {"longest_gap_ms", "cpu_p95", "cpu_slope_per_min", "agent_id"} <= set(row)
         # hopping: 4 s windows hopping by 2 s, merged from the tumbling ones
-        status, hop = await asyncio.to_thread(get, settings, f"/api/windows?agent=q-1&from=0&size=4s")
+        status, hop = await asyncio.to_thread(get, settings, "/api/windows?agent=q-1&from=0&size=4s")
         assert status == 200
         for row in hop["windows"]:
             expected = sum(len(sent.get(s, [])) for s in (row["window_start_ms"], row["window_start_ms"] + 2000))
