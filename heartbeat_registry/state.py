@@ -2,7 +2,7 @@
 
 It records where the running system listens, so a second terminal's `hbreg events` or `hbreg send`
 finds it without any variable set. Keys: `pid`, `started_at_ms`, `broker` (`kafka` or `tansu`),
-`redis_url`, `kafka_bootstrap`, `grpc_addr`, `processes` (name -> pid).
+`redis_url`, `kafka_bootstrap`, `grpc_addr`, `http_addr`, `auth_secret_file`, `processes` (name -> pid).
 """
 
 from __future__ import annotations
