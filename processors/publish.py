@@ -21,7 +21,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from heartbeat_registry.names import Names
-from processors.liveness import Agent, Liveness
+from processors.liveness import MIN_SAMPLES, Agent, Liveness
 from processors.partition import ClosedWindow, PartitionState
 
 LIVE_WITHIN_MS = 5000
@@ -87,7 +87,8 @@ class QueryStore:
             turn = state.closed_until // state.window_ms % REFRESH_WINDOWS
             fresh.update(a for a in ended if hash(a) % REFRESH_WINDOWS == turn)
             views = {a: agent_view(liveness, liveness.agents[a]) for a in fresh if a in liveness.agents}
-            state.shown.update(views)
+            # shown for good once the view carries a phi model (an agent's first beats have none yet)
+            state.shown.update(a for a in views if liveness.agents[a].hist_n >= MIN_SAMPLES)
             if views:
                 pipe.hset(names.query_agents(partition), mapping=views)
             if touched and now - liveness.watermark < LIVE_WITHIN_MS:
