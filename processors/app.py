@@ -60,7 +60,8 @@ def create_app(settings: Settings) -> faust.App:
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         names.processors_app_id,
-        broker=[f"kafka://{b.strip()}" for b in settings.kafka_bootstrap.split(",")],
+        # faust's aiokafka transport with a short fetch wait (processors/kafka_driver.py)
+        broker=[f"hbreg-kafka://{b.strip()}" for b in settings.kafka_bootstrap.split(",")],
         store="memory://",
         topic_partitions=partitions,
         # Records are acknowledged only after the windows they fed were written; on shutdown or

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 from heartbeat_registry.names import Names
 from heartbeat_registry.settings import Settings
@@ -34,6 +35,11 @@ def run(settings: Settings) -> int:
     asyncio.run(ensure_topics(settings.kafka_bootstrap, Names.of(settings), settings.topic_partitions))
     asyncio.set_event_loop(asyncio.new_event_loop())
     app = create_app(settings)
+    # The worker keeps one small object graph per agent and allocates per heartbeat: with the default
+    # thresholds the collector ran hundreds of times a second; this makes young collections rarer and
+    # full ones (which walk every agent's state) rarer still.
+    gc.set_threshold(50_000, 20, 50)
+    gc.freeze()  # what exists after start-up (code, faust) is never garbage
     worker = Worker(app, loglevel=settings.log_level.lower(), quiet=True, logging_config=_logging(settings))
     worker.spinner = None  # a terminal progress spinner garbles `hbreg up` output and log files
     worker.execute_from_commandline()

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import pathlib
 import shutil
 import subprocess
-import sys
 import secrets
+import sys
 import tempfile
+import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -101,6 +104,20 @@ def isolated(base: Settings, tag: str, **changes: Any) -> Settings:
         ingest_metrics_addr=f"127.0.0.1:{embedded.free_port()}", bridge_metrics_addr=f"127.0.0.1:{embedded.free_port()}",
         worker_web_addr=f"127.0.0.1:{embedded.free_port()}", rate_limit=1000.0, rate_burst=1000.0, **changes,
     )
+
+
+def wait_worker(addr: str, timeout: float = 90.0) -> None:
+    """Until the faust worker serving `addr` owns partitions (its consumer group joined)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://{addr}/healthz", timeout=1) as response:
+                if json.load(response)["partitions"]:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("the worker did not join its consumer group")
 
 
 @contextlib.contextmanager

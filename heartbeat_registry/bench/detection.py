@@ -16,16 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import os
 import random
 import signal
 import time
-import urllib.request
 from typing import Any
 
 from heartbeat_registry import embedded
-from heartbeat_registry.bench.common import base_settings, isolated, service, workdir
+from heartbeat_registry.bench.common import base_settings, isolated, service, wait_worker, workdir
 from heartbeat_registry.bench.fleet import Fleet
 from heartbeat_registry.names import Names
 from heartbeat_registry.pb import hb
@@ -149,19 +147,6 @@ def score(truth: Truth, events: list[hb.AgentEvent], timeout_ms: int) -> dict[st
     }
 
 
-def _worker_ready(addr: str, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://{addr}/healthz", timeout=1) as response:
-                if json.load(response)["partitions"]:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("the worker did not join its consumer group")
-
-
 def run(agents: int, duration: float, redis_url: str | None, kafka_bootstrap: str | None) -> dict[str, Any]:
     with workdir() as tmp, contextlib.ExitStack() as stack:
         settings = isolated(
@@ -171,7 +156,7 @@ def run(agents: int, duration: float, redis_url: str | None, kafka_bootstrap: st
         running = {c: stack.enter_context(service(settings, c, tmp)) for c in ("ingest", "bridge", "worker")}
         host, _, port = settings.grpc_addr.rpartition(":")
         embedded.wait_port(host, int(port), 60, "ingest")
-        _worker_ready(settings.worker_web_addr)
+        wait_worker(settings.worker_web_addr)
         truth = asyncio.run(scenario(settings, agents, duration, running["bridge"]))
         events = asyncio.run(read_events(settings))
         return {"machine": {"cpus": os.cpu_count()}, "agents": agents, "duration_s": duration,

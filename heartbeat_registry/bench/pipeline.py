@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from heartbeat_registry import embedded
-from heartbeat_registry.bench.common import base_settings, isolated, latency_summary, service, workdir
+from heartbeat_registry.bench.common import base_settings, isolated, latency_summary, service, wait_worker, workdir
 from heartbeat_registry.names import Names, partition_of
 from heartbeat_registry.pb import hb
 from heartbeat_registry.settings import Settings
@@ -184,10 +184,10 @@ async def live(settings: Settings, seconds: float, log_dir: Any, interval_s: flo
 
     with contextlib.ExitStack() as stack:
         running = {c: stack.enter_context(service(settings, c, log_dir)) for c in ("ingest", "bridge", "worker", "query")}
-        for addr in (settings.grpc_addr, settings.http_addr, settings.worker_web_addr):
+        for addr in (settings.grpc_addr, settings.http_addr):
             host, _, port = addr.rpartition(":")
             embedded.wait_port(host, int(port), 60, addr)
-        await asyncio.sleep(8)  # the worker joins its consumer group
+        await asyncio.to_thread(wait_worker, settings.worker_web_addr)
         agents = [f"live-{i:05d}" for i in range(AGENTS)]
         slots = [agents[k::20] for k in range(20)]  # slot k beats at k * 100 ms of every 2 s
         stop = asyncio.Event()
