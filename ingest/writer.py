@@ -185,12 +185,14 @@ class StreamWriter:
         wakeup = self._wakeups[shard]
         keys = [self._names.stream(shard), self._names.latest(shard), self._names.fenced(shard)]
         while True:
-            await wakeup.wait()
-            wakeup.clear()
+            # Look before waiting: a wake-up that arrived during the previous write (close()'s included)
+            # may have been consumed already, so the event alone must never decide.
             queued = self._queues[shard]
             if not queued:
                 if self._closing:
                     return
+                await wakeup.wait()
+                wakeup.clear()
                 continue
             self._queues[shard] = []
             merged = queued[0][0]
@@ -212,8 +214,6 @@ class StreamWriter:
                 fences = {_text(reply[i]): _text(reply[i + 1]) for i in range(0, len(reply), 2)} if reply else NO_FENCES
                 for cols, write in queued:
                     write.shard_done(cols, fences)
-            if self._queues[shard]:
-                wakeup.set()
 
     def _minid(self) -> int:
         return int(time.time() * 1000) - self._retention_ms

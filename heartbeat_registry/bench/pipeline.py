@@ -156,15 +156,18 @@ def _counter(addr: str, name: str) -> float:
 async def worker_rate(settings: Settings, total: int, workers: int, log_dir: Any) -> float:
     await _produce_backlog(settings, total)
     with contextlib.ExitStack() as stack:
-        addrs = []
+        addrs, procs = [], []
         for n in range(workers):
             own = dataclasses.replace(settings, worker_web_addr=f"127.0.0.1:{embedded.free_port()}")
             addrs.append(own.worker_web_addr)
-            stack.enter_context(service(own, "worker", log_dir))
+            procs.append(stack.enter_context(service(own, "worker", log_dir)))
         first = None
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             await asyncio.sleep(0.2)
+            if any(proc.poll() is not None for proc in procs):
+                codes = [proc.poll() for proc in procs]
+                raise RuntimeError(f"a worker exited during the benchmark: exit codes {codes}, logs in {log_dir}")
             seen = sum(_counter(a, "hbreg_worker_heartbeats_total") for a in addrs)
             if first is None and seen > 0:
                 first = time.monotonic()

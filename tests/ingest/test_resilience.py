@@ -15,10 +15,11 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from heartbeat_registry import embedded
-from heartbeat_registry.names import Names
+from heartbeat_registry.names import Names, partition_of
 from heartbeat_registry.pb import hb, hb_grpc
 from heartbeat_registry.settings import Settings
 from ingest.server import Ingest
+from ingest.writer import StreamWriter
 from tests import procs
 
 # unique agent timestamps near the server clock (so the skew limit accepts them)
@@ -135,3 +136,20 @@ async def test_sigterm_under_load_loses_nothing_acknowledged(settings: Settings,
     assert len(load.acked) > 1000
     missing = load.acked - await stored_stamps(settings.redis_url, Names.of(settings))
     assert not missing, f"{len(missing)} acknowledged heartbeats lost"
+
+
+async def test_close_right_after_a_write_still_returns(redis: aioredis.Redis, settings: Settings) -> None:
+    """close() arriving after a write woke its shard, before the shard's task ran: the task must still
+    write that heartbeat and then stop (it used to consume both wake-ups as one and wait forever)."""
+    names = Names.of(settings)
+    writer = StreamWriter(redis, names, retention_s=600)
+    writer.start()
+    batch = writer.batch(int(time.time() * 1000))
+    batch.add("agent-close", "t-1", hb.RUNNING, batch.received, 0.5, None)
+    # Both start in this order before the shard's task runs: the write queues and wakes the shard, then
+    # close() sets the already set wake-up.
+    pending = asyncio.create_task(writer.write(batch))
+    closing = asyncio.create_task(writer.close())
+    await asyncio.wait_for(closing, 5)
+    assert await pending == {}
+    assert await redis.hexists(names.latest(partition_of("agent-close", names.shards)), "agent-close")
