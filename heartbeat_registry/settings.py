@@ -143,6 +143,7 @@ class Settings:
     stream_shards: int = _field(8, "count", "Redis stream shards (hash-tagged, ready for Redis Cluster)")
     stream_retention: float = _field(3600.0, "seconds", "Redis stream entries older than this are trimmed")
     window_size: float = _field(10.0, "seconds", "tumbling window of the per-agent health table")
+    window_grace: float = _field(1.0, "seconds", "a window closes this long after the pipeline clock passed its end (late heartbeats)")
     watermark_interval: float = _field(0.1, "seconds", "how often the bridge sends watermark ticks")
     watermark_slack: float = _field(0.2, "seconds", "allowed receive-to-Redis delay the watermark trails by")
     key_prefix: str = _field("hbreg", "prefix", "prefix of every Redis key")

@@ -54,6 +54,7 @@ def create_app(settings: Settings) -> faust.App:
     names = Names.of(settings)
     partitions = settings.topic_partitions
     window_ms = int(settings.window_size * 1000)
+    grace_ms = int(settings.window_grace * 1000)
     rules = rules_of(settings)
     host, _, port = settings.worker_web_addr.rpartition(":")
     datadir = settings.state_dir / "faust"  # faust keeps a small local folder; not the working directory
@@ -112,7 +113,7 @@ def create_app(settings: Settings) -> faust.App:
             # an alive agent beat within the timeout, so rows that ended before that cannot be newer
             since = (meta or {}).get("closed_until", 0) - rules.timeout_ms - 2 * window_ms
             seen = last_beats(partition, since) if meta else {}
-            state = PartitionState.restore(partition, window_ms, rules, meta, chunks, seen)
+            state = PartitionState.restore(partition, window_ms, rules, meta, chunks, seen, grace_ms)
             states[partition] = state
             metrics.WORKER_AGENTS.set(sum(len(s.liveness.agents) for s in states.values()))
         return state
@@ -146,7 +147,10 @@ def create_app(settings: Settings) -> faust.App:
                 continue
             state.offset = event.message.offset
             cols = hb.HeartbeatColumns.FromString(event.value)
+            late = state.late
             events, newest = state.add(cols)
+            if state.late != late:
+                metrics.WORKER_LATE.inc(state.late - late)
             more, closed = state.advance(cols.watermark_ms)
             events.extend(more)
             for agent_event in events:

@@ -11,6 +11,10 @@ BRIDGE_SEND = Histogram(
 BRIDGE_WATERMARK_AGE = Gauge("hbreg_bridge_watermark_age_seconds", "Wall clock minus the bridge's watermark")
 
 WORKER_HEARTBEATS = Counter("hbreg_worker_heartbeats_total", "Heartbeats processed by this worker")
+WORKER_LATE = Counter(
+    "hbreg_worker_closed_window_heartbeats_total",
+    "Heartbeats dropped because their window was already closed: replays after a restart, or later than HBREG_WINDOW_GRACE",
+)
 WORKER_EVENTS = Counter("hbreg_worker_events_total", "Events emitted", ["type", "reason"])
 WORKER_AGENTS = Gauge("hbreg_worker_agents", "Agents tracked on this worker's partitions")
 WORKER_WATERMARK_AGE = Gauge("hbreg_worker_watermark_age_seconds", "Wall clock minus the newest watermark seen")

@@ -45,13 +45,17 @@ class ClosedWindow:
 
 
 class PartitionState:
-    def __init__(self, partition: int, window_ms: int, rules: Rules) -> None:
+    def __init__(self, partition: int, window_ms: int, rules: Rules, grace_ms: int = 0) -> None:
         self.partition = partition
         self.window_ms = window_ms
+        # A window closes this long after the pipeline clock passed its end: a heartbeat is stamped when
+        # the ingest receives it, and one the ingest was slow to store (a loop or GC pause longer than the
+        # bridge's watermark slack) may reach the bridge after the watermark passed its receive time.
+        self.grace_ms = grace_ms
         self.liveness = Liveness(partition, rules)
         self.open: dict[int, dict[str, Accumulator]] = {}  # window start -> agent -> accumulator
         self.closed_until = 0  # windows ending at or before this are final
-        self.late = 0
+        self.late = 0  # heartbeats dropped because their window was closed (replays, or later than the grace)
         self.dirty: set[str] = set()  # agents changed since the last snapshot write
         self.touched: set[str] = set()  # agents that beat since the last publish to the query store
         self.changed: set[str] = set()  # agents whose liveness state changed since the last publish
@@ -66,10 +70,10 @@ class PartitionState:
     @classmethod
     def restore(
         cls, partition: int, window_ms: int, rules: Rules, meta: dict | None, chunks: list[dict | None],
-        seen: dict[str, int],
+        seen: dict[str, int], grace_ms: int = 0,
     ) -> PartitionState:
         """`seen`: agent -> newest last beat in the written window rows."""
-        state = cls(partition, window_ms, rules)
+        state = cls(partition, window_ms, rules, grace_ms)
         if meta:
             state.closed_until = meta["closed_until"]
             agents = (Agent.load(a, d) for chunk in chunks if chunk for a, d in chunk.items())
@@ -144,16 +148,17 @@ class PartitionState:
         liveness = self.liveness
         events = liveness.advance(watermark)
         closed = []
-        for start in sorted(s for s in self.open if s + self.window_ms <= watermark):
+        closing = watermark - self.grace_ms  # windows ending at or before this close now
+        for start in sorted(s for s in self.open if s + self.window_ms <= closing):
             end = start + self.window_ms
             rows = self.open.pop(start)
             events.extend(liveness.window_closed(rows, start, end))
             states = {a: liveness.state_of(liveness.agents[a], end) for a in rows}
             closed.append(ClosedWindow(start, end, rows, states))
             self.closed_until = max(self.closed_until, end)
-        if not closed and watermark - watermark % self.window_ms > self.closed_until:
+        if not closed and closing - closing % self.window_ms > self.closed_until:
             # idle partition: its clock still closes windows, so replays never reopen them
-            self.closed_until = watermark - watermark % self.window_ms
+            self.closed_until = closing - closing % self.window_ms
         self._take_changes()
         self.unpublished.extend(closed)
         self.unwritten.extend(closed)

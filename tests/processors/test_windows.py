@@ -72,6 +72,18 @@ def test_windows_close_on_watermark_and_replays_are_dropped() -> None:
     assert [(w.start, {k: v.beats for k, v in w.rows.items()}) for w in closed] == [(10_000, {"a": 1})]
 
 
+def test_a_window_takes_late_heartbeats_until_its_grace_ends() -> None:
+    state = PartitionState(0, window_ms=10_000, rules=RULES, grace_ms=1000)
+    state.add(cols([("a", 9000)], 9000))
+    assert state.advance(10_500)[1] == []  # past the end, within the grace: still open
+    state.add(cols([("a", 9900)], 10_500))  # stamped before the end, stored late
+    _, closed = state.advance(11_000)
+    assert [(w.start, w.rows["a"].beats) for w in closed] == [(0, 2)] and state.late == 0
+    state.add(cols([("a", 9950)], 11_000))  # later than the grace: dropped, and counted as such
+    assert state.late == 1
+    assert state.advance(25_000)[1] == [] and state.closed_until == 20_000  # an idle clock closes too
+
+
 def test_records_are_released_only_after_their_windows_close() -> None:
     state = PartitionState(0, window_ms=10_000, rules=RULES)
     _, newest = state.add(cols([("a", 1000)], 0))
