@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -152,6 +153,8 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    # SIGTERM unwinds like Ctrl-C, so the services a benchmark started are stopped, not orphaned
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.duration = args.duration or {"ingest": 10.0, "pipeline": 20.0, "detection": 60.0}[args.suite]
     if args.suite == "ingest":
         from heartbeat_registry.bench import ingest
