@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Sequence
 
 from heartbeat_registry.settings import Settings
@@ -46,21 +43,3 @@ def hbreg(args: Sequence[str], settings: Settings, log_path, **env: str) -> subp
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-
-
-def wait_worker_ready(settings: Settings, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    """Until the faust worker owns partitions (it joined the consumer group)."""
-    deadline = time.monotonic() + timeout
-    url = f"http://{settings.worker_web_addr}/healthz"
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                owned = json.load(response)["partitions"]
-                if owned:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"worker not ready within {timeout} s")

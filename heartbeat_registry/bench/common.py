@@ -106,10 +106,13 @@ def isolated(base: Settings, tag: str, **changes: Any) -> Settings:
     )
 
 
-def wait_worker(addr: str, timeout: float = 90.0) -> None:
-    """Until the faust worker serving `addr` owns partitions (its consumer group joined)."""
+def wait_worker(addr: str, proc: subprocess.Popen | None = None, timeout: float = 90.0) -> None:
+    """Until the faust worker serving `addr` owns partitions (its consumer group joined); fails at once
+    if `proc`, the worker, exits meanwhile."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {proc.returncode}")
         try:
             with urllib.request.urlopen(f"http://{addr}/healthz", timeout=1) as response:
                 if json.load(response)["partitions"]:
@@ -117,7 +120,7 @@ def wait_worker(addr: str, timeout: float = 90.0) -> None:
         except OSError:
             pass
         time.sleep(0.2)
-    raise TimeoutError("the worker did not join its consumer group")
+    raise TimeoutError(f"the worker did not join its consumer group within {timeout} s")
 
 
 @contextlib.contextmanager

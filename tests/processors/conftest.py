@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from heartbeat_registry import embedded
+from heartbeat_registry.bench.common import wait_worker
 from heartbeat_registry.pb import hb_grpc
 from heartbeat_registry.settings import Settings
 from ingest.server import Ingest
@@ -32,7 +33,7 @@ class Pipeline:
         settings = dataclasses.replace(self.settings, worker_web_addr=f"127.0.0.1:{embedded.free_port()}")
         worker = procs.hbreg(["worker"], settings, self.tmp_path / f"worker{len(self.workers)}.log")
         self.workers.append(worker)
-        await asyncio.to_thread(procs.wait_worker_ready, settings, worker)
+        await asyncio.to_thread(wait_worker, settings.worker_web_addr, worker, 60)
         return worker
 
 

@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from heartbeat_registry import embedded
+from heartbeat_registry.bench.common import wait_worker
 from heartbeat_registry.names import Names
 from heartbeat_registry.pb import hb, hb_grpc
 from heartbeat_registry.settings import Settings
@@ -50,7 +51,7 @@ async def test_pipeline_on_tansu(settings: Settings, tansu_bootstrap: str, tmp_p
     bridge = procs.hbreg(["bridge"], settings, tmp_path / "bridge.log")
     worker = procs.hbreg(["worker"], settings, tmp_path / "worker.log")
     try:
-        await asyncio.to_thread(procs.wait_worker_ready, settings, worker, 90)
+        await asyncio.to_thread(wait_worker, settings.worker_web_addr, worker, 90)
         async with grpc.aio.insecure_channel(settings.grpc_addr) as channel:
             stub = hb_grpc.HeartbeatServiceStub(channel)
             last = 0
