@@ -115,18 +115,21 @@ def create_app(settings: Settings) -> faust.App:
             seen = last_beats(partition, since) if meta else {}
             state = PartitionState.restore(partition, window_ms, rules, meta, chunks, seen, grace_ms)
             states[partition] = state
+            log.info("partition state restored", extra={
+                "partition": partition, "agents": len(state.liveness.agents), "next_offset": state.next_offset,
+            })
             metrics.WORKER_AGENTS.set(sum(len(s.liveness.agents) for s in states.values()))
         return state
 
-    @app.on_partitions_revoked.connect
-    async def on_revoked(app: faust.App, revoked: set, **_: Any) -> None:
-        # faust seeks every partition back to its committed offset after a rebalance: rebuild from
-        # the table and the replay rather than keep state that would then count twice.
-        states.clear()
-
     @app.on_partitions_assigned.connect
     async def on_assigned(app: faust.App, assigned: set, **_: Any) -> None:
+        """A partition this worker keeps keeps its state: faust seeks back to the committed offset, and
+        `place()` skips what the state already holds (it may also hand over records from before the seek,
+        or none again when nothing was committed yet: both simply continue the state). A partition it
+        lost is dropped; one it gains is built from the tables when its first record comes."""
         mine = sorted(tp.partition for tp in assigned if tp.topic == heartbeats.get_topic_name())
+        for partition in set(states) - set(mine):
+            del states[partition]
         log.info("partitions assigned", extra={"partitions": ",".join(map(str, mine))})
 
     async def emit(event: hb.AgentEvent) -> None:
@@ -140,12 +143,20 @@ def create_app(settings: Settings) -> faust.App:
         async for event in manual.events():
             partition = event.message.partition
             state = state_of(partition)
-            if event.message.offset <= state.offset:
-                # delivered again after faust sought back to the committed offset (it does so once
-                # its tables are recovered): this state already holds it, and the first delivery's
-                # acknowledgement covers the offset
+            offset = event.message.offset
+            place = state.place(offset, time.monotonic(), app.consumer.committed_offset(event.message.tp))
+            if place < 0:
+                continue  # delivered again after faust sought back to the committed offset: folded in
+            if place > 0:
+                metrics.WORKER_EARLY.inc()
                 continue
-            state.offset = event.message.offset
+            if state.missed:
+                first, last = state.missed
+                state.missed = None
+                metrics.WORKER_MISSED.inc(last - first)
+                log.warning("records skipped: committed or gone before this worker saw them", extra={
+                    "partition": partition, "from_offset": first, "to_offset": last,
+                })
             cols = hb.HeartbeatColumns.FromString(event.value)
             late = state.late
             events, newest = state.add(cols)
@@ -160,12 +171,14 @@ def create_app(settings: Settings) -> faust.App:
                 windows.relative_to(window.start / 1000)[f"p{partition}c{chunk}"] = rows
             for chunk, agents in state.dirty_chunks().items():
                 snapshots[f"p{partition}/{chunk}"] = agents
-            if state.written_until != written or events:
-                snapshots[f"p{partition}"] = state.snapshot_meta()
             metrics.WORKER_HEARTBEATS.inc(len(cols.agent_id))
-            state.hold(event, newest)
-            for ready in state.releasable():
-                await manual.ack(ready)
+            state.hold(event, offset, newest)
+            ready = state.releasable()
+            if ready or state.written_until != written or events:
+                # before the acknowledgements: the commit that follows them flushes this first
+                snapshots[f"p{partition}"] = state.snapshot_meta()
+            for record in ready:
+                await manual.ack(record)
 
     @app.timer(PUBLISH_EVERY_S)
     async def publish() -> None:

@@ -160,6 +160,8 @@ class Liveness:
         self._wheel: dict[int, set[str]] = {}
         self._next_bucket = -1
         self._y_stall = _y_for_phi(rules.phi_threshold)
+        # set when records were skipped: the next watermark gives every agent a full deadline from there
+        self.blind = False
 
     # --- persistence --------------------------------------------------------------------------
 
@@ -234,6 +236,9 @@ class Liveness:
         if watermark <= self.watermark:
             return []
         self.watermark = watermark
+        if self.blind:
+            self.blind = False
+            self._defer_deadlines(watermark)
         due = self._pop_due(watermark)
         events: list[hb.AgentEvent] = []
         silent = []
@@ -292,6 +297,12 @@ class Liveness:
             return self.rules.timeout_ms
         mean, std = stats
         return min(self.rules.timeout_ms, int(mean + self._y_stall * std))
+
+    def _defer_deadlines(self, at: int) -> None:
+        """No agent's deadline before `at` plus its silence limit: the pipeline could not see its beats."""
+        for agent in self.agents.values():
+            if agent.bucket >= 0 and agent.deadline < at + self._offset(agent):
+                self._schedule(agent, at + self._offset(agent))
 
     def _healthy(self, agent: Agent) -> bool:
         """Does this beat count towards recovery from the agent's stall reason?"""

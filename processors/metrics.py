@@ -15,6 +15,15 @@ WORKER_LATE = Counter(
     "hbreg_worker_closed_window_heartbeats_total",
     "Heartbeats dropped because their window was already closed: replays after a restart, or later than HBREG_WINDOW_GRACE",
 )
+WORKER_EARLY = Counter(
+    "hbreg_worker_early_records_total",
+    "Records dropped because they came before the one their partition needed (fetched before faust sought "
+    "back to the committed offset after a rebalance; they come again in order)",
+)
+WORKER_MISSED = Counter(
+    "hbreg_worker_missed_records_total",
+    "Records a partition went on without: committed by faust before this worker folded them in, or deleted",
+)
 WORKER_EVENTS = Counter("hbreg_worker_events_total", "Events emitted", ["type", "reason"])
 WORKER_AGENTS = Gauge("hbreg_worker_agents", "Agents tracked on this worker's partitions")
 WORKER_WATERMARK_AGE = Gauge("hbreg_worker_watermark_age_seconds", "Wall clock minus the newest watermark seen")

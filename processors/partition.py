@@ -2,11 +2,20 @@
 and the Kafka records it may not acknowledge yet.
 
 Crash semantics: a record is acknowledged only once every window it fed has been closed and written
-to the `windows` table, so the committed offset never passes data of an open window. After a crash or a
-rebalance the partition is rebuilt from its snapshot (agents' states, written when they change) and the
-last closed window rows (their newest beats), and the records after the committed offset are replayed;
-heartbeats of windows already written are dropped, so every window is counted exactly once, and
-liveness ignores beats it has already seen, so no event repeats.
+to the `windows` table, so the committed offset never passes data of an open window. When a worker
+starts or gains a partition (after a crash, or from another worker), the partition is rebuilt from its
+snapshot (agents' states, written when they change) and the last closed window rows (their newest
+beats), and the records after the committed offset are replayed; heartbeats of windows already written
+are dropped, so every window is counted exactly once, and liveness ignores beats it has already seen,
+so no event repeats. A partition the worker keeps through a rebalance keeps its state.
+
+Records must be folded in strictly in offset order: the state knows the next record it needs
+(`next_offset`; the snapshot holds it too, written before any acknowledgement it covers), and `place()`
+tells older records (replays after faust sought back to the committed offset: already folded in) and
+records ahead of it (fetched before that seek: they come again in order) from the one it needs. Folding
+a record from ahead first would move the pipeline clock past every agent whose beats sit in the records
+in between, and stall them all. Only if those records never come (deleted by retention while the
+partition had no worker, or a consumer group reset beside the tables) does it go on without them.
 
 Closing a window writes one row per agent; for a large fleet those rows go out a few chunks per record
 processed (`WINDOW_CHUNKS_PER_RECORD`), not all at once: one burst of megabytes into the changelog held
@@ -24,6 +33,9 @@ from processors.windows import Accumulator
 
 SNAPSHOT_CHUNKS = 16  # a partition's liveness snapshot is kept in this many table values
 ROWS_PER_CHUNK = 1000  # window rows per `windows` table value
+# How long records may come ahead of the one a partition needs before it goes on without the missing
+# ones: the early ones of a rebalance stop within milliseconds, when faust's seek takes effect.
+EARLY_WAIT_S = 3.0
 
 
 def chunk_of(agent_id: str) -> int:
@@ -62,8 +74,10 @@ class PartitionState:
         self.shown: set[str] = set()  # agents whose liveness view the query store has
         self.unpublished: list[ClosedWindow] = []
         self.unwritten: list[ClosedWindow] = []  # closed, rows not all in the `windows` table yet
-        self.offset = -1  # newest Kafka offset folded in since this state was built
-        self._held: list[tuple[Any, int]] = []  # (faust event, newest window start it fed)
+        self.next_offset = 0  # the Kafka offset of the next record to fold in
+        self.missed: tuple[int, int] | None = None  # offsets [from, to) gone on without, not yet reported
+        self._early_since: float | None = None  # when records began to come ahead of next_offset
+        self._held: list[tuple[Any, int, int]] = []  # (faust event, its offset, window start it waits for)
 
     # --- persistence --------------------------------------------------------------------------
 
@@ -74,11 +88,13 @@ class PartitionState:
     ) -> PartitionState:
         """`seen`: agent -> newest last beat in the written window rows."""
         state = cls(partition, window_ms, rules, grace_ms)
-        if meta:
-            state.closed_until = meta["closed_until"]
-            agents = (Agent.load(a, d) for chunk in chunks if chunk for a, d in chunk.items())
-            state.liveness.restore(agents, meta["watermark"], meta.get("mass", {}), seen)
-            state.liveness.changed.clear()
+        meta = meta or {}
+        state.closed_until = meta.get("closed_until", 0)
+        state.next_offset = meta.get("next_offset", 0)
+        # agents are in the chunks from their first beat on, before any window closed
+        agents = (Agent.load(a, d) for chunk in chunks if chunk for a, d in chunk.items())
+        state.liveness.restore(agents, meta.get("watermark", 0), meta.get("mass", {}), seen)
+        state.liveness.changed.clear()
         return state
 
     @property
@@ -88,6 +104,7 @@ class PartitionState:
 
     def snapshot_meta(self) -> dict[str, Any]:
         return {
+            "next_offset": self._held[0][1] if self._held else self.next_offset,
             "closed_until": self.written_until,
             "watermark": self.liveness.watermark,
             "mass": {str(k): sorted(v) for k, v in self.liveness.mass.items()},
@@ -184,13 +201,44 @@ class PartitionState:
             self.changed |= changed
             changed.clear()
 
-    def hold(self, event: Any, newest_window: int) -> None:
-        self._held.append((event, newest_window))
+    def place(self, offset: int, now: float, committed: int | None) -> int:
+        """-1: already folded in; 0: fold it in now; 1: early, drop it.
+
+        `now`: a monotonic clock; `committed`: the partition's committed offset as the consumer last
+        sought to or committed it (None during a rebalance). faust also acknowledges records it
+        discards itself (fetched in a previous consumer generation), so the committed offset can pass
+        records this state never saw: they will not come again, and it goes on without them."""
+        if offset < self.next_offset:
+            return -1
+        if offset > self.next_offset:
+            lost = committed is not None and self.next_offset < committed <= offset
+            if not lost:
+                if self._early_since is None:
+                    self._early_since = now
+                if now - self._early_since < EARLY_WAIT_S:
+                    return 1
+            self.missed = (self.next_offset, offset)
+            # beats in the missed records are unknown: no agent is judged silent on account of them
+            self.liveness.blind = True
+        self._early_since = None
+        return 0
+
+    def hold(self, event: Any, offset: int, newest_window: int) -> None:
+        """Keep `event` (offset `offset`, folded in) unacknowledged until its windows are written. A record
+        without heartbeats of an open window waits for the current window, so that acknowledgements come
+        only with a snapshot write (which records `next_offset`), not once per watermark."""
+        self.next_offset = offset + 1
+        self._held.append((event, offset, newest_window if newest_window >= 0 else self.closed_until))
 
     def releasable(self) -> list[Any]:
-        """Held records whose windows are all closed and written: safe to acknowledge now."""
+        """The oldest held records whose windows are all closed and written: safe to acknowledge now.
+        Only a prefix, in offset order: faust commits past every acknowledged offset it can."""
         until = self.written_until
-        ready = [e for e, w in self._held if w + self.window_ms <= until]
-        if ready:
-            self._held = [(e, w) for e, w in self._held if w + self.window_ms > until]
-        return ready
+        ready = 0
+        for _, _, window in self._held:
+            if window + self.window_ms > until:
+                break
+            ready += 1
+        out = [e for e, _, _ in self._held[:ready]]
+        del self._held[:ready]
+        return out

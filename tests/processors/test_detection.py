@@ -163,3 +163,25 @@ async def test_worker_killed_mid_run_loses_and_repeats_no_event(pipeline_setting
     assert sorted(e.agent_id for e in stalls) == sorted(victims), "an event was lost or repeated"
     assert sorted(e.agent_id for e in recoveries) == sorted(victims)
     assert len({e.event_id for e in stalls}) == len(stalls)
+
+
+async def test_workers_joining_and_leaving_stall_nobody(pipeline_settings: Settings, tmp_path) -> None:
+    """Every rebalance hands partitions over mid-window (faust seeks back, may deliver records from before
+    the seek, discards what it had fetched): no agent of a steadily beating fleet is ever stalled."""
+    settings = dataclasses.replace(pipeline_settings, stall_timeout=2.0, window_size=2.0)
+    async with running_pipeline(settings, tmp_path) as pipeline:
+        fleet = Fleet(pipeline.stub, [f"r{i:02d}" for i in range(40)], interval=0.2, jitter=0.3)
+        runner = asyncio.create_task(fleet.run())
+        await asyncio.sleep(3)
+        for leave in (signal.SIGTERM, signal.SIGKILL, signal.SIGTERM):
+            worker = await pipeline.add_worker()
+            await asyncio.sleep(2)
+            procs.stop(worker, leave)
+            pipeline.workers.remove(worker)
+            # a killed worker's partitions move after the session timeout (10 s)
+            await asyncio.sleep(14 if leave == signal.SIGKILL else 3)
+        fleet.stop.set()
+        await runner
+        events = await events_now(settings)
+    assert not fleet.errors
+    assert of_type(events, hb.STALL) == [] and of_type(events, hb.MASS_SILENCE) == []

@@ -6,7 +6,7 @@ import pytest
 
 from heartbeat_registry.pb import hb
 from processors.liveness import Rules
-from processors.partition import PartitionState
+from processors.partition import EARLY_WAIT_S, PartitionState
 
 RULES = Rules(timeout_ms=60_000)
 from processors.windows import Accumulator
@@ -87,13 +87,60 @@ def test_a_window_takes_late_heartbeats_until_its_grace_ends() -> None:
 def test_records_are_released_only_after_their_windows_close() -> None:
     state = PartitionState(0, window_ms=10_000, rules=RULES)
     _, newest = state.add(cols([("a", 1000)], 0))
-    state.hold("record-1", newest)
+    state.hold("record-0", 0, newest)
     _, newest = state.add(cols([("a", 11_000)], 0))
-    state.hold("record-2", newest)
+    state.hold("record-1", 1, newest)
+    _, newest = state.add(cols([("a", 2000)], 0))  # a straggler of the first window, after a newer record
+    state.hold("record-2", 2, newest)
     state.advance(10_000)
     assert state.releasable() == []  # closed, but its rows are not written yet
-    assert [(w.start, c, rows) for w, c, rows in state.next_window_chunks(5)] == [(0, 0, {"a": [1, 0.5, 0.5, 0.5, 1000, 0, "t", hb.RUNNING]})]
-    assert state.releasable() == ["record-1"]
+    assert [(w.start, c, rows) for w, c, rows in state.next_window_chunks(5)] == [(0, 0, {"a": [2, 0.5, 0.5, 0.5, 2000, 0, "t", hb.RUNNING]})]
+    # record-2's window is written too, but faust commits past every acknowledged offset it can:
+    # only the oldest records go, and a snapshot taken now replays from record-1
+    assert state.releasable() == ["record-0"]
+    assert state.snapshot_meta()["next_offset"] == 1
     state.advance(20_000)
     state.next_window_chunks(5)
-    assert state.releasable() == ["record-2"]
+    assert state.releasable() == ["record-1", "record-2"]
+    _, newest = state.add(cols([], 25_000))  # a watermark alone waits for the open window
+    state.hold("record-3", 3, newest)
+    assert state.releasable() == []
+    state.advance(30_000)
+    assert state.releasable() == ["record-3"] and state.snapshot_meta()["next_offset"] == 4
+
+
+def test_records_are_folded_in_offset_order_from_the_snapshot() -> None:
+    """After a rebalance faust may deliver records fetched before it sought back to the committed offset:
+    they are dropped until the record the snapshot needs comes, older ones are skipped."""
+    before = PartitionState(0, window_ms=10_000, rules=RULES)
+    for offset in range(5):
+        before.hold(f"record-{offset}", offset, -1)
+    before.advance(10_000)
+    assert len(before.releasable()) == 5
+    state = PartitionState.restore(0, 10_000, RULES, before.snapshot_meta(), [], {})
+    assert state.place(9, now=0.0, committed=None) == 1  # early, during the rebalance
+    assert state.place(3, now=0.1, committed=3) == -1  # folded in before the snapshot
+    assert state.place(5, now=0.2, committed=3) == 0 and state.missed is None
+    state.hold("record-5", 5, -1)
+    assert state.place(6, now=0.3, committed=3) == 0
+    # records that never come (deleted by retention): after a while it goes on without them
+    assert state.place(8, now=1.0, committed=3) == 1
+    assert state.place(9, now=1.0 + EARLY_WAIT_S, committed=3) == 0 and state.missed == (6, 9)
+
+
+def test_records_committed_unseen_are_gone_without_stalling_anyone() -> None:
+    """faust acknowledges records it discards itself after a rebalance, so the committed offset can pass
+    records the state never saw. It goes on at once, and agents whose beats may sit in them get a full
+    deadline from there instead of being judged on the gap."""
+    rules = Rules(timeout_ms=2000)
+    state = PartitionState(0, window_ms=10_000, rules=rules)
+    state.add(cols([("a", 1000), ("b", 1000)], 1000))
+    state.hold("record-0", 0, 0)
+    assert state.place(40, now=0.0, committed=None) == 1  # the rebalance is under way
+    assert state.place(40, now=0.1, committed=40) == 0 and state.missed == (1, 40)
+    state.add(cols([("a", 9000)], 9000))  # only a's beat is in the record at hand
+    events, _ = state.advance(9000)
+    assert events == []  # b was silent 8 s by the records' clock, but those records are unknown
+    state.add(cols([("a", 10_000)], 10_000))
+    events, _ = state.advance(11_000)
+    assert [(e.agent_id, e.reason) for e in events] == [("b", "silent")]
