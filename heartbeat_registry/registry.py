@@ -2,8 +2,8 @@
 
 Stored as one short text per agent in the shard's `latest` hash and readable in `redis-cli`:
 `received_ms status cpu_milli timestamp progress_milli task_id`, where cpu and progress are in
-thousandths and progress is
-`-` when not reported. The ingest's WRITE_SHARD script (ingest/scripts.py) writes it.
+thousandths and progress is `-` when not reported. The ingest's WRITE_SHARD script (ingest/scripts.py)
+writes it.
 """
 
 from __future__ import annotations

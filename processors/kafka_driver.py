@@ -37,8 +37,9 @@ class ConsumerThread(driver.AIOKafkaConsumerThread):
     async def _seek_to_committed(self) -> Mapping[Any, int]:
         consumer = self._ensure_consumer()
         committed = await consumer.seek_to_committed()
-        # changelogs are positioned by faust's table recovery, not by commits
-        fresh = [tp for tp, offset in committed.items() if not offset and not tp.topic.endswith("-changelog")]
+        # changelogs are positioned by faust's table recovery, not by commits (faust's own test for them)
+        changelogs = self.app.tables.changelog_topics
+        fresh = [tp for tp, offset in committed.items() if not offset and tp.topic not in changelogs]
         if fresh:
             await consumer.seek_to_beginning(*fresh)
         return committed
