@@ -4,10 +4,11 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-KAFKA_VERSION := 4.4.0
+# the broker's version is written once, in infra/kafka/pom.xml (hbreg reads it there too)
+KAFKA_VERSION := $(shell sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' infra/kafka/pom.xml)
 KAFKA_JAR := .cache/kafka/$(KAFKA_VERSION)/libs/kafka_2.13-$(KAFKA_VERSION).jar
 
-.PHONY: install run test proto bench clean
+.PHONY: install run test unit lint proto bench clean
 
 install: $(VENV)/.installed kafka-jars
 
@@ -22,7 +23,7 @@ kafka-jars:
 	@if [ -f $(KAFKA_JAR) ]; then :; \
 	elif command -v java >/dev/null && command -v mvn >/dev/null; then \
 		echo "fetching Apache Kafka $(KAFKA_VERSION) jars with Maven into .cache/kafka/$(KAFKA_VERSION)/libs"; \
-		mvn -q -B -f infra/kafka/pom.xml dependency:copy-dependencies \
+		mvn -q -B -Dstyle.color=never -f infra/kafka/pom.xml dependency:copy-dependencies \
 			-DoutputDirectory=$(CURDIR)/.cache/kafka/$(KAFKA_VERSION)/libs -DincludeScope=runtime \
 			-Dkafka.version=$(KAFKA_VERSION) || exit 1; \
 	else \
@@ -36,8 +37,17 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 run: install
 	$(BIN)/hbreg up --demo 20
 
-test: install $(VENV)/.installed-test
+test: install $(VENV)/.installed-test lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# the tests of pure logic only: no Valkey, no Kafka (seconds)
+unit: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # redis-benchmark (Debian's redis-tools) measures the XADD ceiling the ingest is compared with
 bench: install

@@ -1,7 +1,24 @@
-"""Heartbeat Registry: the agent-side core (settings, names, wire contract, CLI).
+"""Heartbeat Registry: the agent-side client.
 
-Importing this package needs only grpcio and protobuf; the services live in `ingest`, `processors` and
-`sinks` and need the `[server]` extra.
+    from heartbeat_registry import AsyncHeartbeatClient, HeartbeatClient, TaskAbandoned, TlsConfig
+
+Importing this package needs only grpcio, protobuf and psutil. The operators' tools (`hbreg`, in
+`heartbeat_registry.hbreg`), the shared server-side core (`heartbeat_registry.core`) and the services
+(`ingest`, `processors`, `sinks`) need the `[server]` extra and are never imported from here.
 """
 
+from heartbeat_registry.client import AsyncHeartbeatClient, HeartbeatClient, TaskContext, TlsConfig
+from heartbeat_registry.errors import HeartbeatRegistryError, HeartbeatRejected, TaskAbandoned
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "AsyncHeartbeatClient",
+    "HeartbeatClient",
+    "HeartbeatRegistryError",
+    "HeartbeatRejected",
+    "TaskAbandoned",
+    "TaskContext",
+    "TlsConfig",
+    "__version__",
+]

@@ -1,3 +1,3 @@
-from heartbeat_registry.cli import main
+from heartbeat_registry.hbreg.cli import main
 
 raise SystemExit(main())

@@ -15,6 +15,11 @@ blocked: `report()` only records.
 An ABANDON directive (the task was reassigned to someone else) calls `on_abandon` and cancels the
 task's context: the asyncio task inside `client.task()` is cancelled and `TaskAbandoned` raised there, or,
 in the threaded client, the context's `cancelled` event is set.
+
+Refusals that retrying cannot fix (UNAUTHENTICATED, PERMISSION_DENIED, INVALID_ARGUMENT) are not retried:
+the client logs them as an error, stops beating, calls `on_error`, cancels the open task contexts the same
+way (raising `HeartbeatRejected` there) and raises `HeartbeatRejected` from the next `report()`, so a
+program with the wrong token learns it at once instead of looping silently.
 """
 
 from __future__ import annotations
@@ -32,18 +37,16 @@ from typing import Any
 
 import grpc
 
+from heartbeat_registry.beats import heartbeat
+from heartbeat_registry.errors import HeartbeatRejected, TaskAbandoned
 from heartbeat_registry.pb import hb, hb_grpc
 
 log = logging.getLogger(__name__)
 Status = int  # hb.IDLE, hb.RUNNING, hb.COMPLETED, hb.FAILED, hb.STOPPING
-
-
-class TaskAbandoned(Exception):
-    """The task was reassigned to another agent (fencing); stop working on it."""
-
-    def __init__(self, directive: hb.Directive) -> None:
-        super().__init__(f"task {directive.task_id} was reassigned (epoch {directive.epoch}): {directive.reason}")
-        self.directive = directive
+# what retrying the same heartbeat with the same credentials can never fix
+FINAL_CODES = frozenset(
+    {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT}
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +60,10 @@ class TlsConfig:
     @classmethod
     def from_files(cls, ca: str | None = None, cert: str | None = None, key: str | None = None) -> TlsConfig:
         def read(path: str | None) -> bytes | None:
-            return open(path, "rb").read() if path else None
+            if not path:
+                return None
+            with open(path, "rb") as f:
+                return f.read()
 
         return cls(read(ca), read(cert), read(key))
 
@@ -81,7 +87,8 @@ class CpuSampler:
 
 def _cpu_allotment() -> float:
     try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
         if quota != "max":
             return max(float(quota) / float(period), 0.01)
     except (OSError, ValueError):
@@ -94,12 +101,25 @@ def _cpu_allotment() -> float:
 
 @dataclasses.dataclass
 class TaskContext:
-    """What `client.task()` hands the program: `cancelled` is set once the task is abandoned."""
+    """What `client.task()` hands the program: `cancelled` is set once the task is abandoned (then
+    `directive` says why) or the client's heartbeats were rejected (then `error` says why)."""
 
     task_id: str
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     directive: hb.Directive | None = None
+    error: HeartbeatRejected | None = None
     _owner: asyncio.Task | None = None
+
+    def _cancel(self) -> None:
+        self.cancelled.set()
+        if self._owner is not None and not self._owner.done():
+            self._owner.cancel()
+
+    def _outcome(self) -> BaseException | None:
+        """What leaving the block raises, when the server ended the task."""
+        if self.directive is not None:
+            return TaskAbandoned(self.directive)
+        return self.error
 
 
 class AsyncHeartbeatClient:
@@ -114,6 +134,7 @@ class AsyncHeartbeatClient:
         tls: TlsConfig | None = None,
         sample_cpu: bool = True,
         on_abandon: Callable[[hb.Directive], None] | None = None,
+        on_error: Callable[[HeartbeatRejected], None] | None = None,
         backoff_initial: float = 0.2,
         backoff_max: float = 10.0,
         rpc_timeout: float = 5.0,
@@ -131,6 +152,7 @@ class AsyncHeartbeatClient:
         self.jitter = jitter
         self.tls = tls
         self.on_abandon = on_abandon
+        self.on_error = on_error
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.rpc_timeout = rpc_timeout
@@ -141,7 +163,9 @@ class AsyncHeartbeatClient:
         self.cpu: float | None = None  # reported by the program; overrides the sampler
         self.connected = False
         self.endpoint = self.endpoints[0]
-        self.last_reply_ms = 0
+        self.last_reply_ms = 0  # server receive time of the newest acknowledged heartbeat
+        self.beats_acknowledged = 0
+        self.error: HeartbeatRejected | None = None  # set when the ingest refused us for good
         self.use_stream = True
         self._seq = 0
         self._acked_seq = 0
@@ -163,7 +187,20 @@ class AsyncHeartbeatClient:
         progress: float | None = None,
         cpu: float | None = None,
     ) -> None:
-        """Record the agent's state; a status or task change is sent at once. Never blocks."""
+        """Record the agent's state; a status or task change is sent at once. Never blocks; raises
+        HeartbeatRejected once the ingest has refused this client's heartbeats for good."""
+        if self.error is not None:
+            raise self.error
+        self._record(task_id=task_id, status=status, progress=progress, cpu=cpu)
+
+    def _record(
+        self,
+        *,
+        task_id: str | None = None,
+        status: Status | None = None,
+        progress: float | None = None,
+        cpu: float | None = None,
+    ) -> None:
         changed = (task_id is not None and task_id != self.task_id) or (status is not None and status != self.status)
         if task_id is not None:
             self.task_id = task_id
@@ -179,30 +216,33 @@ class AsyncHeartbeatClient:
     @contextlib.asynccontextmanager
     async def task(self, task_id: str) -> AsyncIterator[TaskContext]:
         """RUNNING `task_id` for the block: COMPLETED on exit, FAILED on an exception, and cancelled
-        (raising TaskAbandoned) when the server says the task was reassigned."""
+        (raising TaskAbandoned) when the server says the task was reassigned, or (raising
+        HeartbeatRejected) when the ingest refused the client's heartbeats for good."""
+        self.report(task_id=task_id, status=hb.RUNNING, progress=0.0)
         ctx = TaskContext(task_id, _owner=asyncio.current_task())
         self._tasks[task_id] = ctx
-        self.report(task_id=task_id, status=hb.RUNNING, progress=0.0)
         try:
             yield ctx
         except asyncio.CancelledError:
-            if ctx.directive is None:
+            outcome = ctx._outcome()
+            if outcome is None:
                 raise
             if ctx._owner is not None:
                 ctx._owner.uncancel()
-            raise TaskAbandoned(ctx.directive) from None
+            raise outcome from None
         except BaseException:
             self._finish(ctx, hb.FAILED)
             raise
         finally:
             self._tasks.pop(task_id, None)
-        self._finish(ctx, hb.FAILED if ctx.directive else hb.COMPLETED)
-        if ctx.directive is not None:
-            raise TaskAbandoned(ctx.directive)
+        outcome = ctx._outcome()
+        self._finish(ctx, hb.COMPLETED if outcome is None else hb.FAILED)
+        if outcome is not None:
+            raise outcome
 
     def _finish(self, ctx: TaskContext, status: Status) -> None:
         if self.task_id == ctx.task_id:
-            self.report(status=status, progress=1.0 if status == hb.COMPLETED else None)
+            self._record(status=status, progress=1.0 if status == hb.COMPLETED else None)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -214,17 +254,21 @@ class AsyncHeartbeatClient:
         """Stop beating; with `leave`, first say STOPPING so the silence is not taken for a stall."""
         if self._runner is None:
             return
-        if leave:
-            self.report(status=hb.STOPPING)
+        if leave and self.error is None:
+            self._record(status=hb.STOPPING)
             deadline = time.monotonic() + self.rpc_timeout
             sent_at = self._seq
             while self.connected and self._acked_seq <= sent_at and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
         self._closing = True
-        self._runner.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._runner
-        self._runner = None
+        runner, self._runner = self._runner, None
+        # Cancel until it is done: on Python 3.11 `asyncio.wait_for` can swallow a cancellation that
+        # arrives as the awaited reply completes (bpo-42130), and the loop would then beat on.
+        while not runner.done():
+            runner.cancel()
+            await asyncio.wait({runner}, timeout=1.0)
+        if not runner.cancelled() and runner.exception() is not None:
+            log.error("heartbeat loop of %s ended with %r", self.agent_id, runner.exception())
 
     async def __aenter__(self) -> AsyncHeartbeatClient:
         await self.start()
@@ -242,17 +286,10 @@ class AsyncHeartbeatClient:
     def _beat(self) -> hb.Heartbeat:
         self._seq += 1
         cpu = self.cpu if self.cpu is not None else (self._sampler.sample() if self._sampler else 0.0)
-        beat = hb.Heartbeat(
-            agent_id=self.agent_id,
-            task_id=self.task_id,
-            status=self.status,
-            timestamp=time.time_ns() // 1_000_000,
-            cpu_util=max(0.0, min(1.0, cpu)),
-            seq=self._seq,
+        progress = None if self.progress is None else max(0.0, min(1.0, self.progress))
+        return heartbeat(
+            self.agent_id, self.task_id, self.status, max(0.0, min(1.0, cpu)), progress=progress, seq=self._seq
         )
-        if self.progress is not None:
-            beat.progress = max(0.0, min(1.0, self.progress))
-        return beat
 
     async def _pause(self) -> None:
         """Until the next beat is due, or the program reported a change."""
@@ -276,6 +313,7 @@ class AsyncHeartbeatClient:
         self._answered = True
         self._acked_seq = max(self._acked_seq, reply.seq)
         self.last_reply_ms = reply.received_ms
+        self.beats_acknowledged += 1
         for directive in reply.directives:
             if directive.kind == hb.Directive.ABANDON:
                 self._abandon(directive)
@@ -284,9 +322,7 @@ class AsyncHeartbeatClient:
         ctx = self._tasks.get(directive.task_id)
         if ctx is not None and ctx.directive is None:
             ctx.directive = directive
-            ctx.cancelled.set()
-            if ctx._owner is not None and not ctx._owner.done():
-                ctx._owner.cancel()
+            ctx._cancel()
         if self.task_id == directive.task_id:
             self.task_id, self.status, self.progress = "", hb.IDLE, None
         if self.on_abandon is not None:
@@ -313,23 +349,43 @@ class AsyncHeartbeatClient:
                 if exc.code() == grpc.StatusCode.UNIMPLEMENTED and self.use_stream:
                     self.use_stream = False  # an ingest (or proxy) without streams: unary Beat instead
                     continue
+                if exc.code() in FINAL_CODES:
+                    self._reject(HeartbeatRejected(exc.code().name, exc.details() or "", self.endpoint))
+                    return
                 pushback = _pushback_s(exc)
-                log.warning("heartbeat call failed", extra={"endpoint": self.endpoint, "code": exc.code().name,
-                                                             "details": exc.details()})
+                problem = f"{exc.code().name}: {exc.details()}"
             except Exception as exc:  # whatever happens, the agent keeps beating
-                log.warning("heartbeat call failed", extra={"endpoint": self.endpoint, "error": repr(exc)})
+                problem = repr(exc)
             self.connected = False
             if self._answered:
                 backoff = self.backoff_initial  # it worked for a while: retry it first
             else:
                 index += 1  # this endpoint did not answer: try the next one
-            await asyncio.sleep(max(pushback, backoff * self._rng.uniform(0.5, 1.5)))
+            delay = max(pushback, backoff * self._rng.uniform(0.5, 1.5))
+            # the code and details go into the message itself: a default formatter drops `extra`
+            log.warning("heartbeat call to %s failed: %s; retrying in %.1f s", self.endpoint, problem, delay)
+            await asyncio.sleep(delay)
             backoff = min(backoff * 2, self.backoff_max)
+
+    def _reject(self, error: HeartbeatRejected) -> None:
+        """The ingest refused us for good: say so plainly, stop, and tell the program."""
+        self.connected = False
+        self.error = error
+        log.error("heartbeats of agent %s refused: %s", self.agent_id, error)
+        for ctx in list(self._tasks.values()):
+            if ctx.error is None and ctx.directive is None:
+                ctx.error = error
+                ctx._cancel()
+        if self.on_error is not None:
+            try:
+                self.on_error(error)
+            except Exception:
+                log.exception("on_error callback failed")
 
     async def _stream(self, stub: hb_grpc.HeartbeatServiceStub) -> None:
         call = stub.BeatStream(metadata=self._metadata())
         try:
-            while True:
+            while not self._closing:
                 await call.write(self._beat())
                 reply = await asyncio.wait_for(call.read(), self.rpc_timeout)
                 if reply is grpc.aio.EOF:
@@ -341,7 +397,7 @@ class AsyncHeartbeatClient:
             call.cancel()
 
     async def _unary(self, stub: hb_grpc.HeartbeatServiceStub) -> None:
-        while True:
+        while not self._closing:
             reply = await stub.Beat(self._beat(), timeout=self.rpc_timeout, metadata=self._metadata())
             self._on_reply(reply)
             await self._pause()
@@ -360,10 +416,10 @@ def _pushback_s(exc: grpc.aio.AioRpcError) -> float:
 class HeartbeatClient:
     """The same client for synchronous programs: it beats from a background thread.
 
-        with HeartbeatClient("agent-7", "ingest:50051", token=TOKEN) as client:
-            with client.task("job-42") as ctx:
-                while not ctx.cancelled.is_set():
-                    step()
+    with HeartbeatClient("agent-7", "ingest:50051", token=TOKEN) as client:
+        with client.task("job-42") as ctx:
+            while not ctx.cancelled.is_set():
+                step()
     """
 
     def __init__(self, agent_id: str, endpoints: str | Sequence[str], **options: Any) -> None:
@@ -382,6 +438,10 @@ class HeartbeatClient:
     @property
     def last_reply_ms(self) -> int:
         return self._client.last_reply_ms
+
+    @property
+    def error(self) -> HeartbeatRejected | None:
+        return self._client.error
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop.run_forever, name="heartbeat-client", daemon=True)
@@ -409,10 +469,11 @@ class HeartbeatClient:
 
     @contextlib.contextmanager
     def task(self, task_id: str) -> Iterator[TaskContext]:
-        """RUNNING `task_id` for the block; `ctx.cancelled` is set if it is reassigned."""
+        """RUNNING `task_id` for the block; `ctx.cancelled` is set if it is reassigned (`ctx.directive`)
+        or the client's heartbeats were rejected for good (`ctx.error`)."""
+        self._client.report(task_id=task_id, status=hb.RUNNING, progress=0.0)
         ctx = TaskContext(task_id)
         self._client._tasks[task_id] = ctx
-        self._client.report(task_id=task_id, status=hb.RUNNING, progress=0.0)
         try:
             yield ctx
         except BaseException:
@@ -420,4 +481,4 @@ class HeartbeatClient:
             raise
         finally:
             self._client._tasks.pop(task_id, None)
-        self._client._finish(ctx, hb.FAILED if ctx.directive else hb.COMPLETED)
+        self._client._finish(ctx, hb.COMPLETED if ctx._outcome() is None else hb.FAILED)

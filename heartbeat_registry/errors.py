@@ -1,10 +1,40 @@
-"""The project's errors, in one place, so every entry point reports them the same way."""
+"""Every error this project raises on purpose, in one place, so every entry point reports them the same way.
+
+Agents meet the first three: `TaskAbandoned` (their task went to someone else) and `HeartbeatRejected`
+(the ingest refused the heartbeats for a reason retrying cannot fix). Operators' tools and services meet
+`ConfigError` and `ServiceError`.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from heartbeat_registry.pb import hb
 
 
 class HeartbeatRegistryError(Exception):
     """Base of every error this project raises on purpose."""
+
+
+class TaskAbandoned(HeartbeatRegistryError):
+    """The task was reassigned to another agent (fencing); stop working on it."""
+
+    def __init__(self, directive: hb.Directive) -> None:
+        super().__init__(f"task {directive.task_id} was reassigned (epoch {directive.epoch}): {directive.reason}")
+        self.directive = directive
+
+
+class HeartbeatRejected(HeartbeatRegistryError):
+    """The ingest refused this agent's heartbeats for a reason that retrying cannot fix (bad or expired
+    credentials, an agent id the credentials do not cover, an invalid heartbeat). The client stops beating:
+    the agent will be taken for stalled until the program fixes the cause and starts a new client."""
+
+    def __init__(self, code: str, details: str, endpoint: str) -> None:
+        super().__init__(f"{code}: {details} (from {endpoint}; retrying cannot fix this, the client stopped beating)")
+        self.code = code
+        self.details = details
+        self.endpoint = endpoint
 
 
 class ConfigError(HeartbeatRegistryError):

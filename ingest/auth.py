@@ -63,7 +63,10 @@ def mint(secret: bytes, agent_id: str, ttl_s: float, relay_for: tuple[str, ...] 
 class Authenticator:
     def __init__(self, secret: bytes | None, enabled: bool, mtls: bool) -> None:
         if enabled and secret is None and not mtls:
-            raise AuthError("auth is on but no signing secret is configured")
+            raise AuthError(
+                "auth is on but HBREG_AUTH_SECRET / HBREG_AUTH_SECRET_FILE is not set "
+                "(set one, configure HBREG_TLS_CLIENT_CA, or set HBREG_AUTH=off explicitly)"
+            )
         self._secret = secret
         self.enabled = enabled
         self._mtls = mtls

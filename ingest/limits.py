@@ -23,6 +23,10 @@ class RateLimiter:
         self._tat: dict[str, float] = {}  # agent -> theoretical arrival time (monotonic s)
         self._swept = float("-inf")
 
+    def __len__(self) -> int:
+        """Agents currently tracked (those not quiet since the last sweep)."""
+        return len(self._tat)
+
     def allow(self, agent_id: str, now: float) -> bool:
         """Count one heartbeat of `agent_id`; False (and not counted) when it is over its limit."""
         tat = self._tat.get(agent_id, now)

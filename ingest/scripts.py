@@ -6,7 +6,7 @@ handful of arguments (newline-joined ids and numbers, packed little-endian float
 and the script builds the registry values itself: packing two arguments and formatting one string per
 heartbeat was most of the ingest's CPU, while Redis had a core to spare. All three keys share the
 shard's hash tag, so the script runs on one Redis Cluster node. The registry value format is the one
-heartbeat_registry.registry decodes.
+core.views.RegistryEntry documents and decodes.
 
 KEYS: stream, latest (hash), fenced (hash)
 ARGV: minid, blob, count, newest receive time,

@@ -11,6 +11,7 @@ ingest overloaded) and UNAVAILABLE (Redis down); the last two carry a `grpc-retr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -20,23 +21,21 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from heartbeat_registry import ops
+from heartbeat_registry.beats import now_ms
+from heartbeat_registry.core import health as ops_health
+from heartbeat_registry.core.lifecycle import stop_signal
+from heartbeat_registry.core.names import Names
+from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.errors import ConfigError
-from heartbeat_registry.names import Names
 from heartbeat_registry.pb import hb, hb_grpc
-from heartbeat_registry.settings import Settings
 from ingest import metrics, validate
-from ingest.auth import AuthError, AuthInterceptor, Authenticator, Identity, Requests
+from ingest.auth import Authenticator, AuthError, AuthInterceptor, Identity, Requests
 from ingest.limits import RateLimiter
 from ingest.writer import Batch, Overloaded, StreamWriter, Unavailable
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = hb.DESCRIPTOR.services_by_name["HeartbeatService"].full_name
 RETRY_PUSHBACK_MS = 250
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def directives_for(beats: Sequence[hb.Heartbeat], fences: dict[str, str]) -> list[hb.Directive]:
@@ -78,6 +77,9 @@ class Refused(Exception):
 
 
 class HeartbeatService(hb_grpc.HeartbeatServiceServicer):
+    """The three RPCs. Each takes the caller's Identity as a third argument, which the AuthInterceptor
+    passes (so the signatures differ from the generated servicer's, on purpose)."""
+
     def __init__(self, writer: StreamWriter, settings: Settings) -> None:
         self._writer = writer
         self._limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
@@ -101,14 +103,16 @@ class HeartbeatService(hb_grpc.HeartbeatServiceServicer):
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, exc.field, _at(i, prefix) + str(exc)) from None
             if not allows(agent):
                 raise Refused(
-                    grpc.StatusCode.PERMISSION_DENIED, "identity",
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "identity",
                     f"{_at(i, prefix)}agent_id: {agent!r} is not an agent the caller may speak for "
                     f"(credentials are for {identity.agent_id!r})",
                 )
             if not allow(agent, now):
                 retry = limiter.retry_after_ms(agent)
                 raise Refused(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED, "rate_limit",
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "rate_limit",
                     f"{_at(i, prefix)}agent_id: {agent!r} exceeds the rate limit of "
                     f"{limiter.rate:g} heartbeats/s (burst {limiter.burst:g}); retry in {retry} ms",
                     retry,
@@ -118,8 +122,13 @@ class HeartbeatService(hb_grpc.HeartbeatServiceServicer):
         return batch
 
     async def _handle(
-        self, rpc: str, beats: Sequence[hb.Heartbeat], identity: Identity, context: grpc.aio.ServicerContext,
-        received: int, prefix: bool = False,
+        self,
+        rpc: str,
+        beats: Sequence[hb.Heartbeat],
+        identity: Identity,
+        context: grpc.aio.ServicerContext,
+        received: int,
+        prefix: bool = False,
     ) -> dict[str, str]:
         """Admit and store `beats`; aborts the call with the right status when they are refused."""
         try:
@@ -127,8 +136,9 @@ class HeartbeatService(hb_grpc.HeartbeatServiceServicer):
             try:
                 fences = await self._writer.write(batch)
             except Overloaded as exc:
-                raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded", f"ingest overloaded: {exc}",
-                              RETRY_PUSHBACK_MS) from None
+                raise Refused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded", f"ingest overloaded: {exc}", RETRY_PUSHBACK_MS
+                ) from None
             except Unavailable as exc:
                 raise Refused(grpc.StatusCode.UNAVAILABLE, "redis_unavailable", str(exc), RETRY_PUSHBACK_MS) from None
         except Refused as refusal:
@@ -139,12 +149,14 @@ class HeartbeatService(hb_grpc.HeartbeatServiceServicer):
         metrics.ACCEPTED_BY_RPC[rpc].inc(len(beats))
         return fences
 
-    async def Beat(self, request: hb.Heartbeat, context: grpc.aio.ServicerContext, identity: Identity) -> hb.BeatReply:
+    async def Beat(  # type: ignore[override]
+        self, request: hb.Heartbeat, context: grpc.aio.ServicerContext, identity: Identity
+    ) -> hb.BeatReply:
         received = now_ms()
         fences = await self._handle("beat", (request,), identity, context, received)
         return hb.BeatReply(seq=request.seq, received_ms=received, directives=directives_for((request,), fences))
 
-    async def BeatBatch(
+    async def BeatBatch(  # type: ignore[override]
         self, request: hb.BeatBatchRequest, context: grpc.aio.ServicerContext, identity: Identity
     ) -> hb.BeatBatchReply:
         received = now_ms()
@@ -157,7 +169,9 @@ class HeartbeatService(hb_grpc.HeartbeatServiceServicer):
         fences = await self._handle("batch", beats, identity, context, received, prefix=True)
         return hb.BeatBatchReply(received_ms=received, accepted=len(beats), directives=directives_for(beats, fences))
 
-    async def BeatStream(self, requests: Requests, context: grpc.aio.ServicerContext, identity: Identity) -> None:
+    async def BeatStream(  # type: ignore[override]
+        self, requests: Requests, context: grpc.aio.ServicerContext, identity: Identity
+    ) -> None:
         metrics.ACTIVE_STREAMS.inc()
         try:
             while (beat := await requests.read()) is not None:
@@ -174,7 +188,9 @@ class RedisWatch:
     """Keeps the gRPC health status, the writer's fail-fast flag and the stream-length metrics in step
     with Redis."""
 
-    def __init__(self, client: aioredis.Redis, servicer: health.aio.HealthServicer, writer: StreamWriter, names: Names) -> None:
+    def __init__(
+        self, client: aioredis.Redis, servicer: health.aio.HealthServicer, writer: StreamWriter, names: Names
+    ) -> None:
         self.client = client
         self.servicer = servicer
         self.writer = writer
@@ -200,10 +216,8 @@ class RedisWatch:
             if up and ticks % 20 == 0:
                 await self._stream_lengths()
             ticks += 1
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=0.25)
-            except asyncio.TimeoutError:
-                pass
 
     async def _stream_lengths(self) -> None:
         try:
@@ -236,16 +250,13 @@ class Ingest:
 
     def __init__(self, settings: Settings) -> None:
         settings.require("redis_url")
+        assert settings.redis_url is not None
         self.settings = settings
         self.credentials = _credentials(settings)
-        secret = settings.signing_secret()
-        if settings.auth and secret is None and settings.tls_client_ca is None:
-            raise ConfigError(
-                "auth is on but HBREG_AUTH_SECRET / HBREG_AUTH_SECRET_FILE is not set "
-                "(set one, configure HBREG_TLS_CLIENT_CA, or set HBREG_AUTH=off explicitly)"
-            )
         try:
-            authenticator = Authenticator(secret, settings.auth, mtls=settings.tls_client_ca is not None)
+            authenticator = Authenticator(
+                settings.signing_secret(), settings.auth, mtls=settings.tls_client_ca is not None
+            )
         except AuthError as exc:
             raise ConfigError(str(exc)) from None
         names = Names.of(settings)
@@ -303,10 +314,10 @@ class Ingest:
 
 
 async def serve(settings: Settings) -> None:
-    stop = ops.stop_signal()
+    stop = stop_signal()
     ingest = Ingest(settings)
     await ingest.start()
-    cleanup = await ops.serve_ops(settings.ingest_metrics_addr, lambda: bool(ingest.watch.up))
+    cleanup = await ops_health.serve(settings.ingest_metrics_addr, lambda: bool(ingest.watch.up))
     log.info(
         "ingest listening",
         extra={

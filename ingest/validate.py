@@ -33,9 +33,7 @@ def check_id(value: str, field: str, limit: int = MAX_ID_LEN) -> None:
     if len(value) > limit:
         raise Refusal(field, f"longer than {limit} characters ({len(value)})")
     if not _ID_RE.fullmatch(value):
-        raise Refusal(
-            field, "must start with a letter or digit and use only letters, digits and . _ : @ / -"
-        )
+        raise Refusal(field, "must start with a letter or digit and use only letters, digits and . _ : @ / -")
     if len(_KNOWN_IDS) >= _KNOWN_IDS_LIMIT:
         _KNOWN_IDS.clear()
     _KNOWN_IDS.add(value)
@@ -50,7 +48,11 @@ def fields_of(beat: hb.Heartbeat) -> tuple[str, str, int, int, float, float | No
     """(agent_id, task_id, status, timestamp, cpu_util, progress or None), each read once: every read of
     a protobuf field builds a new Python object, and the hot path would otherwise read them thrice."""
     return (
-        beat.agent_id, beat.task_id, beat.status, beat.timestamp, beat.cpu_util,
+        beat.agent_id,
+        beat.task_id,
+        beat.status,
+        beat.timestamp,
+        beat.cpu_util,
         beat.progress if beat.HasField("progress") else None,
     )
 
@@ -61,7 +63,13 @@ def check(beat: hb.Heartbeat, now_ms: int = 0, max_skew_ms: int = 0) -> None:
 
 
 def check_fields(
-    agent: str, task: str, status: int, timestamp: int, cpu: float, progress: float | None, now_ms: int,
+    agent: str,
+    task: str,
+    status: int,
+    timestamp: int,
+    cpu: float,
+    progress: float | None,
+    now_ms: int,
     max_skew_ms: int,
 ) -> None:
     """Raise Refusal for the first thing wrong. With `max_skew_ms`, an agent clock further than that

@@ -13,12 +13,14 @@ import array
 import asyncio
 import logging
 import time
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from heartbeat_registry.names import Names, partition_of
-from heartbeat_registry.pb import hb
+from heartbeat_registry.beats import now_ms
+from heartbeat_registry.core.columns import Columns
+from heartbeat_registry.core.names import Names, partition_of
 from ingest import metrics, scripts
 
 log = logging.getLogger(__name__)
@@ -34,43 +36,21 @@ class Overloaded(Exception):
     """Too much is already waiting for Redis; refuse instead of piling up memory."""
 
 
-class Columns:
-    """Heartbeats of one shard, column-wise."""
-
-    __slots__ = ("agent_id", "task_id", "status", "timestamp", "cpu", "progress", "received")
-
-    def __init__(self) -> None:
-        self.agent_id: list[str] = []
-        self.task_id: list[str] = []
-        self.status: list[int] = []
-        self.timestamp: list[int] = []
-        self.cpu: list[float] = []
-        self.progress: list[float] = []
-        self.received: list[int] = []
-
-    def extend(self, other: Columns) -> None:
-        self.agent_id += other.agent_id
-        self.task_id += other.task_id
-        self.status += other.status
-        self.timestamp += other.timestamp
-        self.cpu += other.cpu
-        self.progress += other.progress
-        self.received += other.received
-
-    def script_args(self, minid: int) -> list[object]:
-        """The arguments of scripts.WRITE_SHARD: joins and packs run in C, nothing per heartbeat here."""
-        return [
-            minid, self.blob(), len(self.agent_id), max(self.received),
-            "\n".join(self.agent_id), "\n".join(self.task_id),
-            "\n".join(map(str, self.received)), "\n".join(map(str, self.timestamp)),
-            bytes(self.status), array.array("f", self.cpu).tobytes(), array.array("f", self.progress).tobytes(),
-        ]
-
-    def blob(self) -> bytes:
-        return hb.HeartbeatColumns(
-            agent_id=self.agent_id, task_id=self.task_id, status=self.status, timestamp=self.timestamp,
-            cpu_util=self.cpu, progress=self.progress, received_ms=self.received,
-        ).SerializeToString()
+def _script_args(cols: Columns, minid: int) -> list[Any]:
+    """The arguments of scripts.WRITE_SHARD: joins and packs run in C, nothing per heartbeat here."""
+    return [
+        minid,
+        cols.message().SerializeToString(),
+        len(cols),
+        max(cols.received_ms),
+        "\n".join(cols.agent_id),
+        "\n".join(cols.task_id),
+        "\n".join(map(str, cols.received_ms)),
+        "\n".join(map(str, cols.timestamp)),
+        bytes(cols.status),
+        array.array("f", cols.cpu_util).tobytes(),
+        array.array("f", cols.progress).tobytes(),
+    ]
 
 
 class Batch:
@@ -97,9 +77,9 @@ class Batch:
         cols.task_id.append(task)
         cols.status.append(status)
         cols.timestamp.append(timestamp)
-        cols.cpu.append(cpu)
+        cols.cpu_util.append(cpu)
         cols.progress.append(progress)
-        cols.received.append(self.received)
+        cols.received_ms.append(self.received)
         self.count += 1
 
 
@@ -200,12 +180,13 @@ class StreamWriter:
                 merged.extend(cols)
             try:
                 started = time.perf_counter()
-                reply = await self._script(keys=keys, args=merged.script_args(self._minid()))
+                reply = await self._script(keys=keys, args=_script_args(merged, self._minid()))
                 metrics.REDIS_ROUNDTRIP.observe(time.perf_counter() - started)
             except (RedisError, OSError) as exc:
                 self.available = False
-                log.warning("redis write failed", extra={"error": repr(exc), "shard": shard,
-                                                         "heartbeats": len(merged.agent_id)})
+                log.warning(
+                    "redis write failed", extra={"error": repr(exc), "shard": shard, "heartbeats": len(merged.agent_id)}
+                )
                 error = Unavailable(f"redis write failed: {exc}")
                 for _, write in queued:
                     if not write.future.done():
@@ -216,7 +197,7 @@ class StreamWriter:
                     write.shard_done(cols, fences)
 
     def _minid(self) -> int:
-        return int(time.time() * 1000) - self._retention_ms
+        return now_ms() - self._retention_ms
 
 
 def _text(value: bytes | str) -> str:

@@ -1,28 +1,42 @@
 """The faust-streaming app: per-agent windows and liveness over the `heartbeats` topic.
 
 Each `heartbeats` record carries a batch of heartbeats of one partition and that partition's watermark.
-The agent folds the batch into in-memory accumulators and liveness state and, when the watermark passes
+The agent folds the batch into in-memory window stats and liveness state and, when the watermark passes
 a window's end, writes the window once (a few table values per partition and window, not one per
 heartbeat: every table write also produces a changelog record, which is what limits naive faust
 pipelines to a few thousand heartbeats per second). Liveness state goes to the `snapshots` table in
 chunks whenever windows close or events fire. Table writes happen while iterating an event of the same
-partition, so changelog partitions line up.
+partition, so changelog partitions line up; when a partition goes quiet with window rows still to
+write, the worker sends that partition a watermark tick of its own so the writes (and the
+acknowledgements waiting for them) complete. Which records may be acknowledged when: processors/partition.py.
+
+A failure inside the agent leaves the in-memory state half-updated, so the worker does not let faust
+restart the agent on it: it reports unhealthy and exits non-zero, and its partitions are rebuilt from
+the tables by the next owner (or by this worker, restarted by its supervisor).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
+import os
+import signal
 import time
-from typing import Any
+from typing import Any, cast
 
 import faust
 import redis.asyncio as aioredis
 from faust.sensors.prometheus import setup_prometheus_sensors
+from faust.tables.wrappers import WindowWrapper
+from faust.types import StreamT
+from google.protobuf.message import DecodeError
 
-from heartbeat_registry.names import Names
+from heartbeat_registry.beats import now_ms
+from heartbeat_registry.core.names import Names
+from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.pb import hb
-from heartbeat_registry.settings import Settings
-from processors import metrics
+from processors import faust_adapter, metrics
 from processors.liveness import Rules
 from processors.partition import SNAPSHOT_CHUNKS, PartitionState
 from processors.publish import QueryStore
@@ -31,6 +45,16 @@ log = logging.getLogger(__name__)
 PUBLISH_EVERY_S = 0.1
 WINDOW_CHUNKS_PER_RECORD = 2
 LAG_CHECK_EVERY_S = 0.25
+# a partition with window rows left to write and no record for this long gets a tick of the worker's own
+QUIET_TICK_S = 0.2
+
+
+@dataclasses.dataclass
+class WorkerStatus:
+    """What `/healthz` and the exit code report."""
+
+    fatal: str | None = None  # why the worker is stopping on its own
+    hooks_logged: bool = False
 
 
 def rules_of(settings: Settings) -> Rules:
@@ -49,20 +73,20 @@ def rules_of(settings: Settings) -> Rules:
     )
 
 
-def create_app(settings: Settings) -> faust.App:
-    settings.require("kafka_bootstrap", "redis_url")
+def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
+    assert settings.kafka_bootstrap is not None and settings.redis_url is not None
     names = Names.of(settings)
     partitions = settings.topic_partitions
     window_ms = int(settings.window_size * 1000)
     grace_ms = int(settings.window_grace * 1000)
     rules = rules_of(settings)
+    status = WorkerStatus()
     host, _, port = settings.worker_web_addr.rpartition(":")
     datadir = settings.state_dir / "faust"  # faust keeps a small local folder; not the working directory
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         names.processors_app_id,
-        # faust's aiokafka transport with a short fetch wait (processors/kafka_driver.py)
-        broker=[f"hbreg-kafka://{b.strip()}" for b in settings.kafka_bootstrap.split(",")],
+        broker=[f"kafka://{b.strip()}" for b in settings.kafka_bootstrap.split(",")],
         store="memory://",
         topic_partitions=partitions,
         # Records are acknowledged only after the windows they fed were written; on shutdown or
@@ -80,26 +104,35 @@ def create_app(settings: Settings) -> faust.App:
         producer_max_request_size=4 * 1024 * 1024,
         datadir=str(datadir),
     )
+    faust_adapter.install(app)  # before the first topic: faust builds its transport on demand
     heartbeats = app.topic(names.heartbeats_topic, key_serializer="raw", value_serializer="raw", partitions=partitions)
     events_topic = app.topic(names.events_topic, key_serializer="raw", value_serializer="raw", partitions=partitions)
     # "p<partition>" -> PartitionState.snapshot_meta(); "p<partition>/<chunk>" -> {agent_id: Agent.dump()}
     snapshots = app.Table("snapshots", default=dict, partitions=partitions)
-    # tumbling windows; key "p<partition>c<chunk>" -> {agent_id: Accumulator.summary()}
-    windows = app.Table("windows", default=dict, partitions=partitions).tumbling(
-        settings.window_size, expires=settings.window_retention
+    # tumbling windows; key "p<partition>c<chunk>" -> {agent_id: WindowStats.summary()}
+    windows = cast(
+        WindowWrapper,
+        app.Table("windows", default=dict, partitions=partitions).tumbling(
+            settings.window_size, expires=settings.window_retention
+        ),
     )
     states: dict[int, PartitionState] = {}
+    last_record: dict[int, float] = {}  # partition -> monotonic time its last record was folded in
     store = QueryStore(
         aioredis.Redis.from_url(settings.redis_url, socket_timeout=5.0), names, settings.window_retention
     )
     lag = {"raised": False}
 
-    def last_beats(partition: int, since: int) -> dict[str, int]:
-        """agent -> newest beat in the window rows of `partition` that end after `since` (ms)."""
-        prefix = f"p{partition}c"
+    def last_beats(partition: int, since: int, until: int) -> dict[str, int]:
+        """agent -> newest beat in the written window rows of `partition` for windows in [since, until)."""
         seen: dict[str, int] = {}
-        for (key, (_, end)), rows in windows.table.data.items():
-            if key.startswith(prefix) and end * 1000 > since:
+        first = since - since % window_ms
+        for start in range(max(first, 0), until, window_ms):
+            at = windows.relative_to(start / 1000)
+            for chunk in itertools.count():  # written in order from 0, so the first missing ends them
+                rows = at[f"p{partition}c{chunk}"].value()
+                if not rows:
+                    break
                 for agent, row in rows.items():
                     if row[4] > seen.get(agent, 0):
                         seen[agent] = row[4]
@@ -110,19 +143,26 @@ def create_app(settings: Settings) -> faust.App:
         if state is None:
             meta = snapshots.get(f"p{partition}")
             chunks = [snapshots.get(f"p{partition}/{c}") for c in range(SNAPSHOT_CHUNKS)]
-            # an alive agent beat within the timeout, so rows that ended before that cannot be newer
-            since = (meta or {}).get("closed_until", 0) - rules.timeout_ms - 2 * window_ms
-            seen = last_beats(partition, since) if meta else {}
+            seen = {}
+            if meta:
+                # an alive agent beat within the timeout, so rows that ended before that cannot be newer
+                until = meta.get("closed_until", 0)
+                seen = last_beats(partition, until - rules.timeout_ms - 2 * window_ms, until)
             state = PartitionState.restore(partition, window_ms, rules, meta, chunks, seen, grace_ms)
             states[partition] = state
-            log.info("partition state restored", extra={
-                "partition": partition, "agents": len(state.liveness.agents), "next_offset": state.next_offset,
-            })
+            log.info(
+                "partition state restored",
+                extra={
+                    "partition": partition,
+                    "agents": len(state.liveness.agents),
+                    "next_offset": state.next_offset,
+                },
+            )
             metrics.WORKER_AGENTS.set(sum(len(s.liveness.agents) for s in states.values()))
         return state
 
-    @app.on_partitions_assigned.connect
-    async def on_assigned(app: faust.App, assigned: set, **_: Any) -> None:
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # faust's receiver type is stricter than its calls
+    async def on_assigned(sender: Any, assigned: set[Any], **_: Any) -> None:
         """A partition this worker keeps keeps its state: faust seeks back to the committed offset, and
         `place()` skips what the state already holds (it may also hand over records from before the seek,
         or none again when nothing was committed yet: both simply continue the state). A partition it
@@ -133,55 +173,110 @@ def create_app(settings: Settings) -> faust.App:
         log.info("partitions assigned", extra={"partitions": ",".join(map(str, mine))})
 
     async def emit(event: hb.AgentEvent) -> None:
-        event.emitted_at_ms = time.time_ns() // 1_000_000
+        event.emitted_at_ms = now_ms()
         metrics.WORKER_EVENTS.labels(hb.EventType.Name(event.type).lower(), event.reason).inc()
         await events_topic.send(key=event.agent_id.encode(), value=event.SerializeToString())
 
-    @app.agent(heartbeats)
-    async def process(stream: faust.Stream) -> None:
-        manual = stream.noack()
-        async for event in manual.events():
-            partition = event.message.partition
-            state = state_of(partition)
-            offset = event.message.offset
-            place = state.place(offset, time.monotonic(), app.consumer.committed_offset(event.message.tp))
-            if place < 0:
-                continue  # delivered again after faust sought back to the committed offset: folded in
-            if place > 0:
-                metrics.WORKER_EARLY.inc()
-                continue
-            if state.missed:
-                first, last = state.missed
-                state.missed = None
-                metrics.WORKER_MISSED.inc(last - first)
-                log.warning("records skipped: committed or gone before this worker saw them", extra={
-                    "partition": partition, "from_offset": first, "to_offset": last,
-                })
+    async def fold(event: Any, manual: Any) -> None:
+        """One record: fold it in, write what became final, acknowledge what is safe (partition.py)."""
+        partition = event.message.partition
+        state = state_of(partition)
+        last_record[partition] = time.monotonic()
+        offset = event.message.offset
+        place = state.place(offset, time.monotonic(), faust_adapter.committed_offset(app, event.message.tp))
+        if place < 0:
+            return  # delivered again after faust sought back to the committed offset: folded in
+        if place > 0:
+            metrics.WORKER_EARLY.inc()
+            return
+        if state.missed:
+            first, last = state.missed
+            state.missed = None
+            metrics.WORKER_MISSED.inc(last - first)
+            log.warning(
+                "records skipped: committed or gone before this worker saw them",
+                extra={
+                    "partition": partition,
+                    "from_offset": first,
+                    "to_offset": last,
+                },
+            )
+        try:
             cols = hb.HeartbeatColumns.FromString(event.value)
-            late = state.late
-            events, newest = state.add(cols)
-            if state.late != late:
-                metrics.WORKER_LATE.inc(state.late - late)
-            more, closed = state.advance(cols.watermark_ms)
-            events.extend(more)
-            for agent_event in events:
-                await emit(agent_event)
-            written = state.written_until
-            for window, chunk, rows in state.next_window_chunks(WINDOW_CHUNKS_PER_RECORD):
-                windows.relative_to(window.start / 1000)[f"p{partition}c{chunk}"] = rows
-            for chunk, agents in state.dirty_chunks().items():
-                snapshots[f"p{partition}/{chunk}"] = agents
-            metrics.WORKER_HEARTBEATS.inc(len(cols.agent_id))
-            state.hold(event, offset, newest)
-            ready = state.releasable()
-            if ready or state.written_until != written or events:
-                # before the acknowledgements: the commit that follows them flushes this first
-                snapshots[f"p{partition}"] = state.snapshot_meta()
-            for record in ready:
-                await manual.ack(record)
+        except (DecodeError, TypeError):  # TypeError: a record without a value
+            metrics.WORKER_POISON.inc()
+            log.warning(
+                "skipped a heartbeats record that is no HeartbeatColumns",
+                extra={"partition": partition, "offset": offset},
+            )
+            cols = hb.HeartbeatColumns()  # folded in as a record without heartbeats or watermark
+        late = state.late
+        events, newest = state.add(cols)
+        if state.late != late:
+            metrics.WORKER_LATE.inc(state.late - late)
+        more, _ = state.advance(cols.watermark_ms)
+        events.extend(more)
+        for agent_event in events:
+            await emit(agent_event)
+        written = state.written_until
+        for window, chunk, rows in state.next_window_chunks(WINDOW_CHUNKS_PER_RECORD):
+            windows.relative_to(window.start / 1000)[f"p{partition}c{chunk}"] = rows
+        for chunk, agents in state.dirty_chunks().items():
+            snapshots[f"p{partition}/{chunk}"] = agents
+        metrics.WORKER_HEARTBEATS.inc(len(cols.agent_id))
+        state.hold(event, offset, newest)
+        ready = state.releasable()
+        if ready or state.written_until != written or events:
+            # before the acknowledgements: the commit that follows them flushes this first
+            snapshots[f"p{partition}"] = state.snapshot_meta()
+        for record in ready:
+            await manual.ack(record)
+
+    def fail(exc: BaseException) -> None:
+        """Stop for good: the in-memory state can no longer be trusted (see the module docstring)."""
+        status.fatal = f"{type(exc).__name__}: {exc}"
+        log.error("worker cannot go on, stopping (exit code 1)", exc_info=exc, extra={"error": status.fatal})
+        os.kill(os.getpid(), signal.SIGTERM)  # faust's own graceful shutdown; `worker.run` returns 1
+
+    @app.agent(heartbeats)
+    async def process(stream: StreamT[Any]) -> None:
+        manual = cast(faust.Stream, stream).noack()
+        try:
+            async for event in manual.events():
+                await fold(event, manual)
+        except Exception as exc:
+            fail(exc)
+            raise
+
+    @app.timer(QUIET_TICK_S)
+    async def tick_quiet_partitions() -> None:
+        """A tick for each partition with window rows left to write that got no record lately (bridge
+        stopped, end of a backlog): the rows are written, and the records waiting for them acknowledged,
+        while folding it in, where table writes land in the right changelog partition. It repeats the
+        watermark the partition already has, so it claims nothing new about the pipeline's clock."""
+        now = time.monotonic()
+        for partition, state in list(states.items()):
+            if state.unwritten and now - last_record.get(partition, now) >= QUIET_TICK_S:
+                tick = hb.HeartbeatColumns(watermark_ms=state.liveness.watermark)
+                try:
+                    await heartbeats.send(value=tick.SerializeToString(), partition=partition)
+                except Exception as exc:  # the next timer tries again
+                    log.warning("could not send a watermark tick", extra={"partition": partition, "error": repr(exc)})
+                    continue
+                last_record[partition] = now
+                metrics.WORKER_SELF_TICKS.inc()
 
     @app.timer(PUBLISH_EVERY_S)
     async def publish() -> None:
+        if not status.hooks_logged and states:
+            status.hooks_logged = True
+            log.info(
+                "faust hooks in effect",
+                extra={
+                    "fetch_max_wait_ms": faust_adapter.fetch_max_wait_ms(app),
+                    **faust_adapter.VERIFIED,
+                },
+            )
         try:
             await store.publish(states)
         except Exception as exc:  # the query store is a view: detection goes on without it
@@ -195,30 +290,48 @@ def create_app(settings: Settings) -> faust.App:
         marks = [s.liveness.watermark for s in states.values() if s.liveness.watermark]
         if not marks:
             return
-        now = time.time_ns() // 1_000_000
+        now = now_ms()
         behind = now - min(marks)
         metrics.WORKER_WATERMARK_AGE.set(behind / 1000)
         limit = settings.lag_alert * 1000
         if not lag["raised"] and behind > limit:
             lag["raised"] = True
-            await emit(hb.AgentEvent(
-                type=hb.PIPELINE_LAG, reason=f"pipeline clock {behind / 1000:.1f} s behind on partitions "
-                + ",".join(map(str, sorted(states))), detected_at_ms=now, event_id=f"lag:{now}",
-                figures={"lag_s": behind / 1000, "limit_s": settings.lag_alert},
-            ))
+            await emit(
+                hb.AgentEvent(
+                    type=hb.PIPELINE_LAG,
+                    reason=f"pipeline clock {behind / 1000:.1f} s behind on partitions "
+                    + ",".join(map(str, sorted(states))),
+                    detected_at_ms=now,
+                    event_id=f"lag:{now}",
+                    figures={"lag_s": behind / 1000, "limit_s": settings.lag_alert},
+                )
+            )
         elif lag["raised"] and behind < limit / 2:
             lag["raised"] = False
-            await emit(hb.AgentEvent(
-                type=hb.PIPELINE_CAUGHT_UP, reason="pipeline clock caught up", detected_at_ms=now,
-                event_id=f"lag:{now}:cleared", figures={"lag_s": behind / 1000},
-            ))
+            await emit(
+                hb.AgentEvent(
+                    type=hb.PIPELINE_CAUGHT_UP,
+                    reason="pipeline clock caught up",
+                    detected_at_ms=now,
+                    event_id=f"lag:{now}:cleared",
+                    figures={"lag_s": behind / 1000},
+                )
+            )
 
     setup_prometheus_sensors(app, name_prefix="hbreg_faust")
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
-        """Ready once this worker owns partitions of `heartbeats` (after the consumer group joined)."""
-        owned = sorted(tp.partition for tp in app.assignor.assigned_actives() if tp.topic == heartbeats.get_topic_name())
-        return web.json({"ok": True, "partitions": owned})
+        """Ready once this worker owns partitions of `heartbeats` (after the consumer group joined);
+        503 once it is stopping on its own. `committed`: each owned partition's committed offset."""
+        owned = sorted(tp for tp in app.assignor.assigned_actives() if tp.topic == heartbeats.get_topic_name())
+        body = {
+            "ok": status.fatal is None,
+            "partitions": [tp.partition for tp in owned],
+            "committed": {str(tp.partition): faust_adapter.committed_offset(app, tp) for tp in owned},
+        }
+        if status.fatal is not None:
+            body["error"] = status.fatal
+        return web.json(body, status=200 if status.fatal is None else 503)
 
-    return app
+    return app, status

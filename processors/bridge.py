@@ -18,18 +18,22 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from typing import Any
 
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError, ResponseError
 
-from heartbeat_registry import ops
-from heartbeat_registry.names import Names, partition_of
+from heartbeat_registry.beats import now_ms
+from heartbeat_registry.core import health
+from heartbeat_registry.core.columns import select
+from heartbeat_registry.core.lifecycle import stop_signal
+from heartbeat_registry.core.names import Names, partition_of
+from heartbeat_registry.core.settings import Settings
+from heartbeat_registry.core.topics import ensure_topics, pipeline_topics
 from heartbeat_registry.pb import hb
-from heartbeat_registry.settings import Settings
 from processors import metrics
-from processors.topics import ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +41,6 @@ READ_COUNT = 64  # stream entries per shard per read; each entry holds one group
 MAX_RECORD_BYTES = 512 * 1024
 CLAIM_IDLE_MS = 10_000
 CLAIM_EVERY_S = 5.0
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Bridge:
@@ -136,7 +136,7 @@ class Bridge:
         await self._forward(entries)
 
     async def _claim_abandoned(self) -> list[tuple[str, tuple[bytes, dict]]]:
-        out = []
+        out: list[tuple[str, tuple[bytes, dict[bytes, bytes]]]] = []
         for stream in self._streams:
             reply = await self._redis.xautoclaim(
                 stream, self._names.bridge_group, self._consumer, CLAIM_IDLE_MS, start_id="0-0", count=READ_COUNT
@@ -191,21 +191,10 @@ class Bridge:
         index: dict[int, list[int]] = defaultdict(list)
         for i, agent in enumerate(cols.agent_id):
             index[partition_of(agent, self._partitions)].append(i)
-        out = {}
-        for partition, rows in index.items():
-            out[partition] = hb.HeartbeatColumns(
-                agent_id=[cols.agent_id[i] for i in rows],
-                task_id=[cols.task_id[i] for i in rows],
-                status=[cols.status[i] for i in rows],
-                timestamp=[cols.timestamp[i] for i in rows],
-                cpu_util=[cols.cpu_util[i] for i in rows],
-                progress=[cols.progress[i] for i in rows],
-                received_ms=[cols.received_ms[i] for i in rows],
-            ).SerializeToString()
-        return out
+        return {partition: select(cols, rows).SerializeToString() for partition, rows in index.items()}
 
 
-def _pairs(reply: list | None) -> list[tuple[str, list]]:
+def _pairs(reply: Any) -> list[tuple[str, list[Any]]]:
     """XREADGROUP reply (RESP2): [[stream, [(id, fields), ...]], ...]."""
     return [(stream.decode(), entries) for stream, entries in reply or []]
 
@@ -213,7 +202,9 @@ def _pairs(reply: list | None) -> list[tuple[str, list]]:
 def _records(parts: list[bytes], tick: bytes) -> list[bytes]:
     """Concatenate serialized columns into records of at most MAX_RECORD_BYTES, each ending in the
     watermark (protobuf merge: repeated fields append, the last scalar wins)."""
-    records, current, size = [], [], 0
+    records: list[bytes] = []
+    current: list[bytes] = []
+    size = 0
     for part in parts:
         if current and size + len(part) > MAX_RECORD_BYTES:
             records.append(b"".join(current) + tick)
@@ -226,9 +217,10 @@ def _records(parts: list[bytes], tick: bytes) -> list[bytes]:
 
 async def serve(settings: Settings, consumer: str) -> None:
     settings.require("redis_url", "kafka_bootstrap")
-    stop = ops.stop_signal()
+    assert settings.redis_url is not None and settings.kafka_bootstrap is not None
+    stop = stop_signal()
     names = Names.of(settings)
-    await ensure_topics(settings.kafka_bootstrap, names, settings.topic_partitions)
+    await ensure_topics(settings.kafka_bootstrap, pipeline_topics(names, settings.topic_partitions))
     client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap,
@@ -240,11 +232,16 @@ async def serve(settings: Settings, consumer: str) -> None:
     )
     await producer.start()
     bridge = Bridge(
-        client, producer, names, settings.topic_partitions, consumer,
-        settings.watermark_interval, settings.watermark_slack,
+        client,
+        producer,
+        names,
+        settings.topic_partitions,
+        consumer,
+        settings.watermark_interval,
+        settings.watermark_slack,
     )
     await bridge.setup()
-    cleanup = await ops.serve_ops(settings.bridge_metrics_addr, lambda: bridge.healthy)
+    cleanup = await health.serve(settings.bridge_metrics_addr, lambda: bridge.healthy)
     log.info("bridge running", extra={"consumer": consumer, "streams": len(names.streams())})
     # A cycle in progress finishes (forward, then XACK) before the loop sees `stop`: nothing half-sent.
     await bridge.run(stop)

@@ -32,12 +32,12 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from heartbeat_registry.core.views import ALIVE, LEFT, RECOVERED, STALLED, phi, phi_at, reported_state
 from heartbeat_registry.pb import hb
 
 BUCKET_MS = 50
 HISTORY = 64  # inter-arrival samples kept per agent
 MIN_SAMPLES = 5  # below this, only the hard timeout applies
-ALIVE, SUSPECT, STALLED, RECOVERED, LEFT = "alive", "suspect", "stalled", "recovered", "left"
 _LEAVING = (hb.STOPPING, hb.COMPLETED)
 
 
@@ -58,7 +58,7 @@ class Rules:
 
 def _y_for_phi(threshold: float) -> float:
     """The standardised distance y at which Akka's phi approximation reaches `threshold`."""
-    q = 10.0 ** -threshold
+    q = 10.0**-threshold
     target = -math.log(q / (1.0 - q))
     low, high = 0.0, 100.0
     for _ in range(100):
@@ -70,19 +70,27 @@ def _y_for_phi(threshold: float) -> float:
     return high
 
 
-def phi(silence_ms: float, mean_ms: float, std_ms: float) -> float:
-    """Akka's phi: -log10 of the probability that a beat still comes after `silence_ms`."""
-    y = (silence_ms - mean_ms) / std_ms
-    e = math.exp(-y * (1.5976 + 0.070566 * y * y)) if y > -20 else math.inf
-    if silence_ms > mean_ms:
-        return -math.log10(e / (1.0 + e)) if e > 0 else 300.0
-    return max(0.0, -math.log10(1.0 - 1.0 / (1.0 + e)))
-
-
 class Agent:
     __slots__ = (
-        "agent_id", "task_id", "status", "cpu", "last_seen", "task_started", "state", "reason", "episode",
-        "since", "streak", "held", "deadline", "bucket", "hist", "hist_n", "hist_i", "hsum", "hsq",
+        "agent_id",
+        "task_id",
+        "status",
+        "cpu",
+        "last_seen",
+        "task_started",
+        "state",
+        "reason",
+        "episode",
+        "since",
+        "streak",
+        "held",
+        "deadline",
+        "bucket",
+        "hist",
+        "hist_n",
+        "hist_i",
+        "hsum",
+        "hsq",
     )
 
     def __init__(self, agent_id: str) -> None:
@@ -131,14 +139,42 @@ class Agent:
         n = self.hist_n
         mean = self.hsum / n if n else 0.0
         var = max(0.0, self.hsq / n - mean * mean) if n else 0.0
-        return [self.task_id, self.status, self.cpu, self.last_seen, self.task_started, self.state,
-                self.reason, self.episode, self.since, self.streak, self.held, n, mean, var]
+        return [
+            self.task_id,
+            self.status,
+            self.cpu,
+            self.last_seen,
+            self.task_started,
+            self.state,
+            self.reason,
+            self.episode,
+            self.since,
+            self.streak,
+            self.held,
+            n,
+            mean,
+            var,
+        ]
 
     @classmethod
     def load(cls, agent_id: str, data: list[Any]) -> Agent:
         agent = cls(agent_id)
-        (agent.task_id, agent.status, agent.cpu, agent.last_seen, agent.task_started, agent.state,
-         agent.reason, agent.episode, agent.since, agent.streak, agent.held, n, mean, var) = data
+        (
+            agent.task_id,
+            agent.status,
+            agent.cpu,
+            agent.last_seen,
+            agent.task_started,
+            agent.state,
+            agent.reason,
+            agent.episode,
+            agent.since,
+            agent.streak,
+            agent.held,
+            n,
+            mean,
+            var,
+        ) = data
         # the history itself is not kept: its summary seeds an equivalent one
         spread = math.sqrt(var)
         for i in range(min(n, HISTORY)):
@@ -222,12 +258,20 @@ class Liveness:
         elif agent.state != ALIVE:
             self._set(agent, ALIVE, received)
         if (
-            event is None and agent.state == ALIVE and status == hb.RUNNING
+            event is None
+            and agent.state == ALIVE
+            and status == hb.RUNNING
             and received - agent.task_started > rules.max_task_ms
         ):
-            event = self._stall(agent, "overdue", received, {
-                "running_s": (received - agent.task_started) / 1000, "max_task_s": rules.max_task_ms / 1000,
-            })
+            event = self._stall(
+                agent,
+                "overdue",
+                received,
+                {
+                    "running_s": (received - agent.task_started) / 1000,
+                    "max_task_s": rules.max_task_ms / 1000,
+                },
+            )
         self._schedule(agent, received + self._offset(agent))
         return event
 
@@ -257,7 +301,7 @@ class Liveness:
         return events
 
     def window_closed(self, rows: dict[str, Any], start: int, end: int) -> list[hb.AgentEvent]:
-        """The hung rule, for a closed window: `rows` maps agent -> windows.Accumulator."""
+        """The hung rule, for a closed window: `rows` maps agent -> core.windowstats.WindowStats."""
         events = []
         threshold = self.rules.hung_cpu
         for agent_id, acc in rows.items():
@@ -266,27 +310,33 @@ class Liveness:
             agent = self.agents.get(agent_id)
             if agent is None or agent.state != ALIVE or agent.status != hb.RUNNING:
                 continue
-            events.append(self._stall(agent, "hung", end, {
-                "cpu_max": round(acc.cpu_max, 4), "hung_cpu": threshold, "beats": acc.beats,
-                "window_start_ms": start, "window_s": (end - start) / 1000,
-            }))
+            events.append(
+                self._stall(
+                    agent,
+                    "hung",
+                    end,
+                    {
+                        "cpu_max": round(acc.cpu_max, 4),
+                        "hung_cpu": threshold,
+                        "beats": acc.beats,
+                        "window_start_ms": start,
+                        "window_s": (end - start) / 1000,
+                    },
+                )
+            )
         return events
 
     # --- queries ------------------------------------------------------------------------------
 
     def phi_of(self, agent: Agent, at: int) -> float:
-        stats = agent.stats(self.rules)
-        if stats is None or agent.state == LEFT:
-            return 0.0
-        return round(phi(max(0, at - agent.last_seen), *stats), 3)
+        return phi_at(agent.state, agent.last_seen, agent.stats(self.rules), at)
 
     def state_of(self, agent: Agent, at: int) -> str:
-        """The reported state: `suspect` is an alive agent whose phi or silence is past the warning level."""
-        if agent.state == ALIVE and (
-            at - agent.last_seen >= self.rules.timeout_ms / 2 or self.phi_of(agent, at) >= self.rules.phi_suspect
-        ):
-            return SUSPECT
-        return agent.state
+        """The reported state, by the rule every reader applies (core.views.reported_state)."""
+        rules = self.rules
+        return reported_state(
+            agent.state, at - agent.last_seen, self.phi_of(agent, at), rules.timeout_ms, rules.phi_suspect
+        )
 
     # --- rules --------------------------------------------------------------------------------
 
@@ -340,8 +390,12 @@ class Liveness:
             event_id=f"mass:{self.partition}:{watermark}",
             partition=self.partition,
             agent_ids=sorted(a.agent_id for a in cohort),
-            figures={"agents": len(cohort), "active": active, "fraction": round(len(cohort) / max(active, 1), 3),
-                     "timeout_s": self.rules.timeout_ms / 1000},
+            figures={
+                "agents": len(cohort),
+                "active": active,
+                "fraction": round(len(cohort) / max(active, 1), 3),
+                "timeout_s": self.rules.timeout_ms / 1000,
+            },
         )
 
     def _release(self, agent: Agent) -> None:
@@ -368,19 +422,29 @@ class Liveness:
                 if agent is not None and agent.held == began:
                     agent.held = 0
                     agent.state = ALIVE  # so that _stall records the individual episode
-                    events.append(self._stall(agent, "silent", watermark, {
-                        "timeout_s": self.rules.timeout_ms / 1000, "silence_ms": watermark - agent.last_seen,
-                        "held_ms": watermark - began,
-                    }))
-            events.append(hb.AgentEvent(
-                type=hb.MASS_SILENCE_CLEARED,
-                reason="hold expired" if expired and back < len(cohort) else "agents returned",
-                detected_at_ms=watermark,
-                event_id=f"mass:{self.partition}:{began}:cleared",
-                partition=self.partition,
-                agent_ids=sorted(cohort),
-                figures={"returned": back, "still_silent": len(cohort)},
-            ))
+                    events.append(
+                        self._stall(
+                            agent,
+                            "silent",
+                            watermark,
+                            {
+                                "timeout_s": self.rules.timeout_ms / 1000,
+                                "silence_ms": watermark - agent.last_seen,
+                                "held_ms": watermark - began,
+                            },
+                        )
+                    )
+            events.append(
+                hb.AgentEvent(
+                    type=hb.MASS_SILENCE_CLEARED,
+                    reason="hold expired" if expired and back < len(cohort) else "agents returned",
+                    detected_at_ms=watermark,
+                    event_id=f"mass:{self.partition}:{began}:cleared",
+                    partition=self.partition,
+                    agent_ids=sorted(cohort),
+                    figures={"returned": back, "still_silent": len(cohort)},
+                )
+            )
             del self.mass[began]
             self._mass_back.pop(began, None)
         return events
@@ -402,16 +466,25 @@ class Liveness:
 
     def _recover(self, agent: Agent, at: int, reason: str) -> hb.AgentEvent:
         """`reason`: the stall reason it recovered from (or `left`)."""
-        event = self._event(agent, hb.RECOVERY, reason, at, {
-            "episode_ms": at - agent.episode, "healthy_beats": agent.streak,
-        })
+        event = self._event(
+            agent,
+            hb.RECOVERY,
+            reason,
+            at,
+            {
+                "episode_ms": at - agent.episode,
+                "healthy_beats": agent.streak,
+            },
+        )
         agent.episode = 0
         agent.reason = ""
         agent.streak = 0
         self._set(agent, ALIVE, at)
         return event
 
-    def _event(self, agent: Agent, kind: int, reason: str, at: int, figures: dict[str, float]) -> hb.AgentEvent:
+    def _event(
+        self, agent: Agent, kind: hb.EventType, reason: str, at: int, figures: dict[str, float]
+    ) -> hb.AgentEvent:
         name = "stall" if kind == hb.STALL else "recovery"
         return hb.AgentEvent(
             type=kind,
@@ -460,7 +533,7 @@ class Liveness:
         self._unschedule(agent)
         agent.bucket = bucket
         self._wheel.setdefault(bucket, set()).add(agent.agent_id)
-        if 0 <= self._next_bucket and bucket < self._next_bucket:
+        if self._next_bucket >= 0 and bucket < self._next_bucket:
             self._next_bucket = bucket
 
     def _unschedule(self, agent: Agent) -> None:

@@ -13,7 +13,8 @@ BRIDGE_WATERMARK_AGE = Gauge("hbreg_bridge_watermark_age_seconds", "Wall clock m
 WORKER_HEARTBEATS = Counter("hbreg_worker_heartbeats_total", "Heartbeats processed by this worker")
 WORKER_LATE = Counter(
     "hbreg_worker_closed_window_heartbeats_total",
-    "Heartbeats dropped because their window was already closed: replays after a restart, or later than HBREG_WINDOW_GRACE",
+    "Heartbeats dropped because their window was already closed: replays after a restart, or later than "
+    "HBREG_WINDOW_GRACE",
 )
 WORKER_EARLY = Counter(
     "hbreg_worker_early_records_total",
@@ -27,3 +28,10 @@ WORKER_MISSED = Counter(
 WORKER_EVENTS = Counter("hbreg_worker_events_total", "Events emitted", ["type", "reason"])
 WORKER_AGENTS = Gauge("hbreg_worker_agents", "Agents tracked on this worker's partitions")
 WORKER_WATERMARK_AGE = Gauge("hbreg_worker_watermark_age_seconds", "Wall clock minus the newest watermark seen")
+WORKER_POISON = Counter(
+    "hbreg_worker_undecodable_records_total", "heartbeats records that are no HeartbeatColumns, counted and skipped"
+)
+WORKER_SELF_TICKS = Counter(
+    "hbreg_worker_self_ticks_total",
+    "Watermark ticks the worker sent to a quiet partition of its own so that deferred window writes complete",
+)

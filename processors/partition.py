@@ -1,25 +1,41 @@
-"""Everything a worker holds for one partition of `heartbeats`: open window accumulators, liveness,
-and the Kafka records it may not acknowledge yet.
+"""Everything a worker holds for one partition of `heartbeats`: open window stats, liveness, and the
+Kafka records it may not acknowledge yet. This docstring is where the acknowledgement protocol lives.
 
-Crash semantics: a record is acknowledged only once every window it fed has been closed and written
-to the `windows` table, so the committed offset never passes data of an open window. When a worker
-starts or gains a partition (after a crash, or from another worker), the partition is rebuilt from its
-snapshot (agents' states, written when they change) and the last closed window rows (their newest
-beats), and the records after the committed offset are replayed; heartbeats of windows already written
-are dropped, so every window is counted exactly once, and liveness ignores beats it has already seen,
-so no event repeats. A partition the worker keeps through a rebalance keeps its state.
+## Which records may be acknowledged when (the worker's ack/commit protocol)
+
+faust commits, every second, the offset after the newest record acknowledged in an unbroken run from the
+committed one. The invariant this protocol keeps: **everything before the committed offset of a
+partition is reflected in the tables** (the `windows` rows of every window it fed, and the `snapshots`
+meta whose `next_offset` is at least that offset). So a crash at any moment replays exactly what the
+tables lack, and nothing is counted twice or lost.
+
+1. A record is held (`hold`) once folded in, and released (`releasable`) only in offset order.
+2. A record that fed an open window is released once that window is closed (the pipeline clock passed
+   its end by the grace) and all its rows are written to `windows`. Closing a window writes one row per
+   agent; for a large fleet those rows go out a few chunks per record processed
+   (`WINDOW_CHUNKS_PER_RECORD`), not all at once (one burst of megabytes into the changelog held up the
+   consumer for a second or more); when records stop coming meanwhile, the worker sends the partition a
+   watermark tick of its own (processors/app.py) so the writes, and the releases, complete.
+3. A record that fed no open window (a watermark tick, a late or undecodable record) is released once the
+   windows closed so far are written, so a quiet partition's ticks are committed too.
+4. Before any release, the snapshot meta (`next_offset` = the oldest record still held, the pipeline
+   clock, the windows written) is written: the table write precedes the commit it covers.
+
+## Recovery
+
+When a worker starts or gains a partition (after a crash, or from another worker), the partition is
+rebuilt from its snapshot (agents' states, written when they change) and the last written window rows
+(their newest beats), and the records after the committed offset are replayed; heartbeats of windows
+already written are dropped, so every window is counted exactly once, and liveness ignores beats it has
+already seen, so no event repeats. A partition the worker keeps through a rebalance keeps its state.
 
 Records must be folded in strictly in offset order: the state knows the next record it needs
-(`next_offset`; the snapshot holds it too, written before any acknowledgement it covers), and `place()`
-tells older records (replays after faust sought back to the committed offset: already folded in) and
-records ahead of it (fetched before that seek: they come again in order) from the one it needs. Folding
-a record from ahead first would move the pipeline clock past every agent whose beats sit in the records
-in between, and stall them all. Only if those records never come (deleted by retention while the
-partition had no worker, or a consumer group reset beside the tables) does it go on without them.
-
-Closing a window writes one row per agent; for a large fleet those rows go out a few chunks per record
-processed (`WINDOW_CHUNKS_PER_RECORD`), not all at once: one burst of megabytes into the changelog held
-up the consumer for a second or more.
+(`next_offset`), and `place()` tells older records (replays after faust sought back to the committed
+offset: already folded in) and records ahead of it (fetched before that seek: they come again in order)
+from the one it needs. Folding a record from ahead first would move the pipeline clock past every agent
+whose beats sit in the records in between, and stall them all. Only if those records never come
+(deleted by retention while the partition had no worker, or committed by faust unseen) does it go on
+without them, giving every agent a full deadline from there.
 """
 
 from __future__ import annotations
@@ -27,9 +43,9 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
+from heartbeat_registry.core.windowstats import WindowStats
 from heartbeat_registry.pb import hb
 from processors.liveness import Agent, Liveness, Rules
-from processors.windows import Accumulator
 
 SNAPSHOT_CHUNKS = 16  # a partition's liveness snapshot is kept in this many table values
 ROWS_PER_CHUNK = 1000  # window rows per `windows` table value
@@ -45,7 +61,7 @@ def chunk_of(agent_id: str) -> int:
 class ClosedWindow:
     __slots__ = ("start", "end", "rows", "states", "pending", "chunks")
 
-    def __init__(self, start: int, end: int, rows: dict[str, Accumulator], states: dict[str, str]) -> None:
+    def __init__(self, start: int, end: int, rows: dict[str, WindowStats], states: dict[str, str]) -> None:
         self.start = start
         self.end = end
         self.rows = rows
@@ -53,7 +69,9 @@ class ClosedWindow:
         self.pending: list[str] | None = None  # agents whose row is not published yet
         agents = list(rows)
         # (chunk number, agents) still to write to the `windows` table
-        self.chunks = [(n // ROWS_PER_CHUNK, agents[n : n + ROWS_PER_CHUNK]) for n in range(0, len(agents), ROWS_PER_CHUNK)]
+        self.chunks = [
+            (n // ROWS_PER_CHUNK, agents[n : n + ROWS_PER_CHUNK]) for n in range(0, len(agents), ROWS_PER_CHUNK)
+        ]
 
 
 class PartitionState:
@@ -65,7 +83,7 @@ class PartitionState:
         # bridge's watermark slack) may reach the bridge after the watermark passed its receive time.
         self.grace_ms = grace_ms
         self.liveness = Liveness(partition, rules)
-        self.open: dict[int, dict[str, Accumulator]] = {}  # window start -> agent -> accumulator
+        self.open: dict[int, dict[str, WindowStats]] = {}  # window start -> agent -> accumulator
         self.closed_until = 0  # windows ending at or before this are final
         self.late = 0  # heartbeats dropped because their window was closed (replays, or later than the grace)
         self.dirty: set[str] = set()  # agents changed since the last snapshot write
@@ -83,8 +101,14 @@ class PartitionState:
 
     @classmethod
     def restore(
-        cls, partition: int, window_ms: int, rules: Rules, meta: dict | None, chunks: list[dict | None],
-        seen: dict[str, int], grace_ms: int = 0,
+        cls,
+        partition: int,
+        window_ms: int,
+        rules: Rules,
+        meta: dict | None,
+        chunks: list[dict | None],
+        seen: dict[str, int],
+        grace_ms: int = 0,
     ) -> PartitionState:
         """`seen`: agent -> newest last beat in the written window rows."""
         state = cls(partition, window_ms, rules, grace_ms)
@@ -136,7 +160,7 @@ class PartitionState:
         open_windows = self.open
         touched = self.touched
         for agent_id, task_id, status, cpu, received in zip(
-            cols.agent_id, cols.task_id, cols.status, cols.cpu_util, cols.received_ms
+            cols.agent_id, cols.task_id, cols.status, cols.cpu_util, cols.received_ms, strict=False
         ):
             known = agents.get(agent_id)
             previous = known.last_seen if known is not None else 0
@@ -153,7 +177,7 @@ class PartitionState:
                 window = open_windows[start] = {}
             acc = window.get(agent_id)
             if acc is None:
-                acc = window[agent_id] = Accumulator()
+                acc = window[agent_id] = WindowStats()
             acc.add(received, cpu, status, task_id, start, previous)
             if start > newest:
                 newest = start
@@ -183,7 +207,7 @@ class PartitionState:
 
     def next_window_chunks(self, limit: int) -> list[tuple[ClosedWindow, int, dict[str, list[Any]]]]:
         """Up to `limit` (window, chunk, rows) to write to the `windows` table now, oldest first."""
-        out = []
+        out: list[tuple[ClosedWindow, int, dict[str, list[Any]]]] = []
         while self.unwritten and len(out) < limit:
             window = self.unwritten[0]
             if window.chunks:
@@ -224,11 +248,12 @@ class PartitionState:
         return 0
 
     def hold(self, event: Any, offset: int, newest_window: int) -> None:
-        """Keep `event` (offset `offset`, folded in) unacknowledged until its windows are written. A record
-        without heartbeats of an open window waits for the current window, so that acknowledgements come
-        only with a snapshot write (which records `next_offset`), not once per watermark."""
+        """Keep `event` (offset `offset`, folded in) unacknowledged until the windows it fed are written
+        (rule 2); one that fed no open window (`newest_window` < 0) waits only for the windows closed so
+        far (rule 3)."""
         self.next_offset = offset + 1
-        self._held.append((event, offset, newest_window if newest_window >= 0 else self.closed_until))
+        waits_for = newest_window if newest_window >= 0 else self.closed_until - self.window_ms
+        self._held.append((event, offset, waits_for))
 
     def releasable(self) -> list[Any]:
         """The oldest held records whose windows are all closed and written: safe to acknowledge now.

@@ -14,13 +14,13 @@ These are the detector's own in-memory tables written out as they are, not a sec
 
 from __future__ import annotations
 
-import time
-
-import orjson
+from typing import Any
 
 import redis.asyncio as aioredis
 
-from heartbeat_registry.names import Names
+from heartbeat_registry.beats import now_ms
+from heartbeat_registry.core.names import Names
+from heartbeat_registry.core.views import AgentView, PartitionClock, WindowRow
 from processors.liveness import MIN_SAMPLES, Agent, Liveness
 from processors.partition import ClosedWindow, PartitionState
 
@@ -47,12 +47,19 @@ def _take(state: PartitionState, budget: int) -> list[tuple[ClosedWindow, list[s
     return out
 
 
-def agent_view(liveness: Liveness, agent: Agent) -> str:
-    stats = agent.stats(liveness.rules)
-    return orjson.dumps([
-        agent.task_id, agent.status, round(agent.cpu, 4), agent.last_seen, agent.state, agent.reason,
-        agent.since, None if stats is None else round(stats[0], 1), None if stats is None else round(stats[1], 1),
-    ])
+def agent_view(liveness: Liveness, agent: Agent) -> bytes:
+    model = agent.stats(liveness.rules)
+    return AgentView(
+        agent.task_id,
+        agent.status,
+        round(agent.cpu, 4),
+        agent.last_seen,
+        agent.state,
+        agent.reason,
+        agent.since,
+        None if model is None else round(model[0], 1),
+        None if model is None else round(model[1], 1),
+    ).encode()
 
 
 class QueryStore:
@@ -65,7 +72,7 @@ class QueryStore:
         """Write what changed since the last call; returns the number of commands sent."""
         names = self._names
         pipe = self._redis.pipeline(transaction=False)
-        now = int(time.time() * 1000)
+        now = now_ms()
         for partition, state in states.items():
             liveness = state.liveness
             touched, state.touched = state.touched, set()
@@ -73,10 +80,11 @@ class QueryStore:
             ended: set[str] = set()
             for window, agents in _take(state, ROWS_PER_PUBLISH // max(len(states), 1)):
                 key = names.query_windows(partition, window.start)
-                pipe.hset(key, mapping={
-                    a: orjson.dumps([window.start, window.end, window.states.get(a, ""), window.rows[a].dump()])
+                closed: dict[Any, bytes] = {
+                    a: WindowRow(window.start, window.end, window.states.get(a, ""), window.rows[a]).encode()
                     for a in agents
-                })
+                }
+                pipe.hset(key, mapping=closed)
                 pipe.pexpireat(key, window.end + self._retention_ms)
                 ended.update(agents)
                 if not window.pending:  # every closed row is out: the open rows of the window go
@@ -86,19 +94,21 @@ class QueryStore:
             fresh = changed | (touched - state.shown)
             turn = state.closed_until // state.window_ms % REFRESH_WINDOWS
             fresh.update(a for a in ended if hash(a) % REFRESH_WINDOWS == turn)
-            views = {a: agent_view(liveness, liveness.agents[a]) for a in fresh if a in liveness.agents}
+            views: dict[Any, bytes] = {
+                a: agent_view(liveness, liveness.agents[a]) for a in fresh if a in liveness.agents
+            }
             # shown for good once the view carries a phi model (an agent's first beats have none yet)
             state.shown.update(a for a in views if liveness.agents[a].hist_n >= MIN_SAMPLES)
             if views:
                 pipe.hset(names.query_agents(partition), mapping=views)
             if touched and now - liveness.watermark < LIVE_WITHIN_MS:
                 for start, rows in state.open.items():
-                    beat = {a: orjson.dumps(rows[a].dump()) for a in touched if a in rows}
+                    beat: dict[Any, bytes] = {a: WindowRow.encode_open(rows[a]) for a in touched if a in rows}
                     if beat:
                         key = names.query_open(partition, start)
                         pipe.hset(key, mapping=beat)
                         pipe.pexpireat(key, start + state.window_ms + self._retention_ms)
-            pipe.hset(names.query_clock, str(partition), orjson.dumps([liveness.watermark, now]))
+            pipe.hset(names.query_clock, str(partition), PartitionClock(liveness.watermark, now).encode())
         commands = len(pipe)
         if commands:
             await pipe.execute()

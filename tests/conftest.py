@@ -15,9 +15,19 @@ from collections.abc import Iterator
 
 import pytest
 
-from heartbeat_registry import embedded
-from heartbeat_registry.settings import Settings
+from heartbeat_registry.core.settings import Settings
+from heartbeat_registry.hbreg import services
 from tests import procs
+
+SERVICE_FIXTURES = {"valkey_url", "kafka_bootstrap", "tansu_bootstrap"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`unit`: what needs no real service (`make unit` runs only those)."""
+    for item in items:
+        uses = set(getattr(item, "fixturenames", ())) & SERVICE_FIXTURES
+        if not uses and item.get_closest_marker("kafka") is None:
+            item.add_marker(pytest.mark.unit)
 
 
 def require_binary(available: bool, what: str) -> None:
@@ -32,14 +42,14 @@ def require_binary(available: bool, what: str) -> None:
 
 @pytest.fixture(scope="session")
 def valkey_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = embedded.free_port()
+    port = services.free_port()
     proc = subprocess.Popen(
-        embedded.valkey_command(port, tmp_path_factory.mktemp("valkey"), durable=False),
+        services.valkey_command(port, tmp_path_factory.mktemp("valkey"), durable=False),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        embedded.wait_port("127.0.0.1", port, 15, "valkey")
+        services.wait_port("127.0.0.1", port, 15, "valkey")
         yield f"redis://127.0.0.1:{port}"
     finally:
         procs.stop(proc)
@@ -47,14 +57,14 @@ def valkey_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if not embedded.kafka_available():
-        pytest.fail(f"the tests need the real Apache Kafka broker, but {embedded.why_not_kafka()}")
-    port = embedded.free_port()
+    if not services.kafka_available():
+        pytest.fail(f"the tests need the real Apache Kafka broker, but {services.why_not_kafka()}")
+    port = services.free_port()
     data = tmp_path_factory.mktemp("kafka")
-    log = open(data / "broker.log", "wb")
-    proc = subprocess.Popen(embedded.kafka_command(port, data), stdout=log, stderr=subprocess.STDOUT)
+    log = open(data / "broker.log", "wb")  # noqa: SIM115 - open for the whole session
+    proc = subprocess.Popen(services.kafka_command(port, data), stdout=log, stderr=subprocess.STDOUT)
     try:
-        embedded.wait_port("127.0.0.1", port, 60, "kafka")
+        services.wait_port("127.0.0.1", port, 60, "kafka")
         yield f"127.0.0.1:{port}"
     finally:
         procs.stop(proc)
@@ -68,13 +78,13 @@ def prefix() -> str:
 
 def make_settings(tmp_path, prefix: str, **values) -> Settings:
     return Settings(
-        grpc_addr=f"127.0.0.1:{embedded.free_port()}",
+        grpc_addr=f"127.0.0.1:{services.free_port()}",
         key_prefix=prefix,
         topic_prefix=prefix + "-",
         state_dir=tmp_path / "state",
-        ingest_metrics_addr=f"127.0.0.1:{embedded.free_port()}",
-        bridge_metrics_addr=f"127.0.0.1:{embedded.free_port()}",
-        worker_web_addr=f"127.0.0.1:{embedded.free_port()}",
+        ingest_metrics_addr=f"127.0.0.1:{services.free_port()}",
+        bridge_metrics_addr=f"127.0.0.1:{services.free_port()}",
+        worker_web_addr=f"127.0.0.1:{services.free_port()}",
         **{"auth": False, "rate_limit": 10_000.0, "rate_burst": 10_000.0, **values},
     )
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer
 
+from heartbeat_registry.core.events import EventReader, time_order
 from heartbeat_registry.pb import hb
 
 
@@ -35,9 +36,17 @@ def heartbeat_count(records: list) -> int:
     return sum(len(c.agent_id) for c in columns(records))
 
 
-async def read_events(bootstrap: str, topic: str, done: Callable[[list], bool], timeout: float = 30.0) -> list[hb.AgentEvent]:
-    records = await read_records(bootstrap, topic, lambda rs: done([hb.AgentEvent.FromString(r.value) for r in rs]), timeout)
-    return [hb.AgentEvent.FromString(r.value) for r in records]
+async def read_events(
+    bootstrap: str, topic: str, done: Callable[[list[hb.AgentEvent]], bool], timeout: float = 30.0
+) -> list[hb.AgentEvent]:
+    """Every `agent-events` record from the beginning, in time order, until `done(events)` or the timeout."""
+    deadline = time.monotonic() + timeout
+    async with EventReader(bootstrap, topic) as reader:
+        await reader.seek()
+        events = await reader.history()
+        while not done(events) and time.monotonic() < deadline:
+            events = time_order(events + await reader.fetch(200))
+    return events
 
 
 async def eventually(check: Callable[[], object], timeout: float, every: float = 0.1) -> None:

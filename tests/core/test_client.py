@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import threading
 import time
 
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 
-from heartbeat_registry import registry
-from heartbeat_registry.client import AsyncHeartbeatClient, CpuSampler, HeartbeatClient, TaskAbandoned
-from heartbeat_registry.names import Names, partition_of
+from heartbeat_registry import AsyncHeartbeatClient, HeartbeatClient, HeartbeatRejected, TaskAbandoned
+from heartbeat_registry.client import CpuSampler
+from heartbeat_registry.core.names import Names, partition_of
+from heartbeat_registry.core.settings import Settings
+from heartbeat_registry.core.views import RegistryEntry
 from heartbeat_registry.pb import hb, hb_grpc
-from heartbeat_registry.settings import Settings
 from ingest.auth import mint
 from ingest.server import Ingest
 from tests.kafka_helpers import eventually
@@ -36,13 +39,13 @@ async def ingest(auth_settings: Settings):
     await node.stop(grace=0.5)
 
 
-async def latest(settings: Settings, agent: str) -> dict | None:
+async def latest(settings: Settings, agent: str) -> RegistryEntry | None:
     client = aioredis.Redis.from_url(settings.redis_url)
     try:
         value = await client.hget(Names.of(settings).latest(partition_of(agent, settings.stream_shards)), agent)
     finally:
         await client.aclose()
-    return registry.decode(agent, value) if value else None
+    return RegistryEntry.decode(agent, value) if value else None
 
 
 def token(agent: str) -> str:
@@ -57,17 +60,18 @@ async def test_beats_in_background_and_reports_tasks(ingest, auth_settings: Sett
             await eventually(lambda: latest(auth_settings, "agent-c"), 5)
             await asyncio.sleep(0.3)
             entry = await latest(auth_settings, "agent-c")
-            assert (entry["task_id"], entry["status"]) == ("job-1", "RUNNING")
+            assert (entry.task_id, entry.status) == ("job-1", hb.RUNNING)
         await asyncio.sleep(0.3)
-        assert (await latest(auth_settings, "agent-c"))["status"] == "COMPLETED"
-    assert (await latest(auth_settings, "agent-c"))["status"] == "STOPPING"  # left on purpose
+        assert (await latest(auth_settings, "agent-c")).status == hb.COMPLETED
+    assert (await latest(auth_settings, "agent-c")).status == hb.STOPPING  # left on purpose
 
 
 async def test_resumes_after_ingest_restart(auth_settings: Settings) -> None:
     node = Ingest(auth_settings)
     await node.start()
-    client = AsyncHeartbeatClient("agent-r", auth_settings.grpc_addr, token=token("agent-r"), interval=0.1,
-                                  backoff_initial=0.1, backoff_max=1.0)
+    client = AsyncHeartbeatClient(
+        "agent-r", auth_settings.grpc_addr, token=token("agent-r"), interval=0.1, backoff_initial=0.1, backoff_max=1.0
+    )
     await client.start()
     try:
         await eventually(lambda: client.connected, 5)
@@ -83,22 +87,27 @@ async def test_resumes_after_ingest_restart(auth_settings: Settings) -> None:
         await eventually(lambda: client.connected, 5)
         assert time.monotonic() - restarted < 2.5, "did not resume within its backoff"
         await asyncio.sleep(0.3)
-        assert (await latest(auth_settings, "agent-r"))["task_id"] == "job-after"
+        assert (await latest(auth_settings, "agent-r")).task_id == "job-after"
     finally:
         await client.stop()
         await node.stop(grace=0.2)
 
 
 async def test_fails_over_between_endpoints(auth_settings: Settings) -> None:
-    from heartbeat_registry import embedded
+    from heartbeat_registry.hbreg import services
 
     first = Ingest(auth_settings)
-    second_settings = dataclasses.replace(auth_settings, grpc_addr=f"127.0.0.1:{embedded.free_port()}")
+    second_settings = dataclasses.replace(auth_settings, grpc_addr=f"127.0.0.1:{services.free_port()}")
     second = Ingest(second_settings)
     await first.start()
     await second.start()
-    client = AsyncHeartbeatClient("agent-f", [auth_settings.grpc_addr, second_settings.grpc_addr],
-                                  token=token("agent-f"), interval=0.1, backoff_initial=0.05)
+    client = AsyncHeartbeatClient(
+        "agent-f",
+        [auth_settings.grpc_addr, second_settings.grpc_addr],
+        token=token("agent-f"),
+        interval=0.1,
+        backoff_initial=0.05,
+    )
     await client.start()
     try:
         await eventually(lambda: client.connected and client.endpoint == auth_settings.grpc_addr, 5)
@@ -117,8 +126,9 @@ async def fence(settings: Settings, agent: str, task: str, epoch: int) -> None:
 
 async def test_abandon_cancels_the_asyncio_task(ingest, auth_settings: Settings) -> None:
     abandoned = []
-    client = AsyncHeartbeatClient("agent-a", auth_settings.grpc_addr, token=token("agent-a"), interval=0.05,
-                                  on_abandon=abandoned.append)
+    client = AsyncHeartbeatClient(
+        "agent-a", auth_settings.grpc_addr, token=token("agent-a"), interval=0.05, on_abandon=abandoned.append
+    )
     async with client:
         work_done = False
 
@@ -141,14 +151,21 @@ async def test_abandon_sets_the_threaded_context(ingest, auth_settings: Settings
     abandoned = threading.Event()
 
     def run() -> tuple[bool, int]:
-        with HeartbeatClient("agent-t", auth_settings.grpc_addr, token=token("agent-t"), interval=0.05,
-                             on_abandon=lambda d: abandoned.set()) as client:
-            with client.task("job-7") as ctx:
-                asyncio.run(fence(auth_settings, "agent-t", "job-7", 2))
-                steps = 0
-                while not ctx.cancelled.wait(0.01) and steps < 500:
-                    steps += 1
-                return ctx.cancelled.is_set(), ctx.directive.epoch if ctx.directive else -1
+        with (
+            HeartbeatClient(
+                "agent-t",
+                auth_settings.grpc_addr,
+                token=token("agent-t"),
+                interval=0.05,
+                on_abandon=lambda d: abandoned.set(),
+            ) as client,
+            client.task("job-7") as ctx,
+        ):
+            asyncio.run(fence(auth_settings, "agent-t", "job-7", 2))
+            steps = 0
+            while not ctx.cancelled.wait(0.01) and steps < 500:
+                steps += 1
+            return ctx.cancelled.is_set(), ctx.directive.epoch if ctx.directive else -1
 
     cancelled, epoch = await asyncio.to_thread(run)
     assert cancelled and epoch == 2 and abandoned.is_set()
@@ -180,9 +197,78 @@ async def test_falls_back_to_unary_beat(settings: Settings) -> None:
         await server.stop(0)
 
 
-def test_cpu_sample_is_a_fraction() -> None:
+def test_cpu_sample_follows_the_process_load() -> None:
+    """Busy on one thread, the process uses a visible share of its allotment; asleep, next to none."""
     sampler = CpuSampler()
-    end = time.monotonic() + 0.2
+    end = time.monotonic() + 0.3
     while time.monotonic() < end:
         pass
-    assert 0.0 < sampler.sample() <= 1.0
+    busy = sampler.sample()
+    time.sleep(0.3)
+    idle = sampler.sample()
+    assert busy > 0.5 / sampler.allotment, (busy, sampler.allotment)  # at least half a core
+    assert idle < busy / 4, (idle, busy)
+
+
+def refused(reason: str) -> float:
+    return (
+        REGISTRY.get_sample_value("hbreg_ingest_heartbeats_refused_total", {"rpc": "stream", "reason": reason}) or 0.0
+    )
+
+
+async def test_a_refusal_retrying_cannot_fix_stops_the_client_and_reaches_the_program(
+    ingest, auth_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A token for another agent: PERMISSION_DENIED is said plainly in the log message itself, the
+    client stops instead of retrying, `on_error` hears it and the task block raises it."""
+    before = refused("identity")
+    rejected: list[HeartbeatRejected] = []
+    client = AsyncHeartbeatClient(
+        "agent-x",
+        auth_settings.grpc_addr,
+        token=token("someone-else"),
+        interval=0.05,
+        backoff_initial=0.05,
+        on_error=rejected.append,
+    )
+    with caplog.at_level(logging.WARNING, logger="heartbeat_registry.client"):
+        async with client:
+            with pytest.raises(HeartbeatRejected) as err:
+                async with client.task("job-1"):
+                    await asyncio.sleep(10)
+            await asyncio.sleep(1.0)  # time enough for many retries, were it retrying
+            with pytest.raises(HeartbeatRejected):
+                client.report(status=hb.IDLE)
+    assert err.value.code == "PERMISSION_DENIED" and "agent-x" in err.value.details
+    assert rejected == [client.error] and client.error is err.value
+    assert refused("identity") - before == 1, "the client kept calling after a final refusal"
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("PERMISSION_DENIED" in m and "agent-x" in m for m in errors), errors
+
+
+async def test_the_threaded_client_reports_a_final_refusal_on_the_task_context(ingest, auth_settings: Settings) -> None:
+    def run() -> tuple[bool, str | None]:
+        with HeartbeatClient("agent-y", auth_settings.grpc_addr, token="not-a-token", interval=0.05) as client:
+            try:
+                with client.task("job-2") as ctx:
+                    ctx.cancelled.wait(5)
+                    return ctx.cancelled.is_set(), ctx.error.code if ctx.error else None
+            except HeartbeatRejected as exc:  # refused before the block began
+                return True, exc.code
+
+    cancelled, code = await asyncio.to_thread(run)
+    assert cancelled and code == "UNAUTHENTICATED"
+
+
+async def test_stop_always_returns_while_replies_race_the_cancellation(ingest, auth_settings: Settings) -> None:
+    """Stopping a client whose replies arrive every millisecond, many times over: a cancellation that
+    lands as a reply completes must still end the loop (Python 3.11's wait_for could swallow it)."""
+    client = AsyncHeartbeatClient(
+        "agent-s", auth_settings.grpc_addr, token=token("agent-s"), interval=0.001, jitter=0.0, sample_cpu=False
+    )
+    for _ in range(150):
+        await client.start()
+        await eventually(lambda: client.connected, 5, every=0.001)
+        await asyncio.sleep(0.003)
+        await asyncio.wait_for(client.stop(leave=False), 5)
+    assert client.beats_acknowledged > 150

@@ -4,8 +4,8 @@ import pathlib
 
 import pytest
 
+from heartbeat_registry.core.settings import Settings, describe
 from heartbeat_registry.errors import ConfigError
-from heartbeat_registry.settings import Settings, describe
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

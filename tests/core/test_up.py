@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from heartbeat_registry import embedded
+from heartbeat_registry.hbreg import services
 
 pytestmark = pytest.mark.kafka
 
@@ -29,29 +29,37 @@ def alive(pid: int) -> bool:
 
 
 def hbreg(*args: str, env: dict, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "heartbeat_registry", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "heartbeat_registry", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
-def test_up_runs_the_demo_and_stops_cleanly(tmp_path) -> None:
-    if not embedded.kafka_available():
-        pytest.fail(f"needs the real Apache Kafka broker: {embedded.why_not_kafka()}")
+def up_env(tmp_path, **extra: str) -> dict[str, str]:
+    """A user's environment without HBREG_ variables, but free ports and its own state directory."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HBREG_")}
     env.update(
         HBREG_STATE_DIR=str(tmp_path / "state"),
-        HBREG_GRPC_ADDR=f"127.0.0.1:{embedded.free_port()}",
-        HBREG_INGEST_METRICS_ADDR=f"127.0.0.1:{embedded.free_port()}",
-        HBREG_BRIDGE_METRICS_ADDR=f"127.0.0.1:{embedded.free_port()}",
-        HBREG_WORKER_WEB_ADDR=f"127.0.0.1:{embedded.free_port()}",
-        HBREG_HTTP_ADDR=f"127.0.0.1:{embedded.free_port()}",
-        HBREG_STALL_TIMEOUT="2",
+        HBREG_GRPC_ADDR=f"127.0.0.1:{services.free_port()}",
+        HBREG_INGEST_METRICS_ADDR=f"127.0.0.1:{services.free_port()}",
+        HBREG_BRIDGE_METRICS_ADDR=f"127.0.0.1:{services.free_port()}",
+        HBREG_WORKER_WEB_ADDR=f"127.0.0.1:{services.free_port()}",
+        HBREG_HTTP_ADDR=f"127.0.0.1:{services.free_port()}",
         HBREG_TOPIC_PARTITIONS="2",
         PYTHONUNBUFFERED="1",
+        **extra,
     )
+    return env
+
+
+def test_up_runs_the_demo_and_stops_cleanly(tmp_path) -> None:
+    if not services.kafka_available():
+        pytest.fail(f"needs the real Apache Kafka broker: {services.why_not_kafka()}")
+    env = up_env(tmp_path, HBREG_STALL_TIMEOUT="2")
     state_file = tmp_path / "state" / "state.json"
-    log = open(tmp_path / "up.log", "w")
-    up = subprocess.Popen([sys.executable, "-m", "heartbeat_registry", "up", "--demo", "4"], env=env,
-                          stdout=log, stderr=subprocess.STDOUT)
+    log = open(tmp_path / "up.log", "w")  # noqa: SIM115 - closed after the process ends
+    up = subprocess.Popen(
+        [sys.executable, "-m", "heartbeat_registry", "up", "--demo", "4"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     follower = None
     try:
         started = time.monotonic()
@@ -70,8 +78,12 @@ def test_up_runs_the_demo_and_stops_cleanly(tmp_path) -> None:
         refused = hbreg("send", "--agent", "cli-agent", "--status", "RUNNING", "--cpu", "1.5", env=env)
         assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr and "cpu_util" in refused.stderr
 
-        follower = subprocess.Popen([sys.executable, "-m", "heartbeat_registry", "events", "--follow", "--json"],
-                                    env=env, stdout=subprocess.PIPE, text=True)
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "heartbeat_registry", "events", "--follow", "--json"],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.monotonic() + 60
         stall = None
         while stall is None and time.monotonic() < deadline:
@@ -83,6 +95,12 @@ def test_up_runs_the_demo_and_stops_cleanly(tmp_path) -> None:
         assert stall is not None, "no stall event from the demo fleet"
         assert {"type", "agent_id", "task_id", "reason", "last_seen_ms", "detected_at_ms"} <= set(stall)
         assert stall["reason"] == "silent" and stall["detected_at_ms"] >= stall["last_seen_ms"] + 2000
+        # without --follow: the last day's events in time order, then exit 0
+        history = hbreg("events", "--json", env=env)
+        assert history.returncode == 0, history.stderr
+        past = [json.loads(line) for line in history.stdout.splitlines()]
+        assert stall["event_id"] in {e["event_id"] for e in past}
+        assert [e["detected_at_ms"] for e in past] == sorted(e["detected_at_ms"] for e in past)
         listed = hbreg("agents", "--json", env=env)
         assert listed.returncode == 0, listed.stderr
         agents = [json.loads(line) for line in listed.stdout.splitlines()]
@@ -100,3 +118,41 @@ def test_up_runs_the_demo_and_stops_cleanly(tmp_path) -> None:
     left = [name for name, pid in state["processes"].items() if alive(pid)]
     assert not left, f"still running after SIGTERM: {left}"
     assert not state_file.exists()
+
+
+def test_ctrl_c_with_stdout_gone_still_stops_everything(tmp_path, valkey_url: str, kafka_bootstrap: str) -> None:
+    """`hbreg up | tee log`, then Ctrl-C: tee dies with it, so stdout is a closed pipe; every process still
+    stops and the state file goes."""
+    prefix = "up" + os.urandom(4).hex()
+    env = up_env(
+        tmp_path,
+        HBREG_REDIS_URL=valkey_url,
+        HBREG_KAFKA_BOOTSTRAP=kafka_bootstrap,
+        HBREG_KEY_PREFIX=prefix,
+        HBREG_TOPIC_PREFIX=prefix + "-",
+    )
+    state_file = tmp_path / "state" / "state.json"
+    up = subprocess.Popen(
+        [sys.executable, "-m", "heartbeat_registry", "up", "--demo", "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        started = time.monotonic()
+        while not state_file.exists():
+            assert up.poll() is None, up.stdout.read().decode()[-3000:]
+            assert time.monotonic() - started < 60, "hbreg up took more than 60 s"
+            time.sleep(0.2)
+        state = json.loads(state_file.read_text())
+        up.stdout.close()  # the reader (tee) is gone
+        time.sleep(1.0)  # the children keep writing meanwhile
+        up.send_signal(signal.SIGINT)
+        code = up.wait(60)
+    finally:
+        if up.poll() is None:
+            up.kill()
+    assert code == 0
+    assert not state_file.exists(), "stale state file"
+    left = [name for name, pid in state["processes"].items() if alive(pid)]
+    assert not left, f"still running after Ctrl-C: {left}"

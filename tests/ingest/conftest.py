@@ -6,8 +6,8 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
+from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.pb import hb_grpc
-from heartbeat_registry.settings import Settings
 from ingest.server import Ingest
 
 

@@ -8,8 +8,8 @@ import time
 import grpc
 import pytest
 
+from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.pb import hb, hb_grpc
-from heartbeat_registry.settings import Settings
 from ingest.auth import mint
 from ingest.server import Ingest
 from tests.certs import CA
@@ -89,8 +89,10 @@ async def test_relay_token_speaks_for_its_declared_agents(auth_stub) -> None:
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED and err.details().startswith("heartbeats[1].agent_id")
     # an ordinary agent token is no relay token
     err = await refused(
-        auth_stub.BeatBatch(hb.BeatBatchRequest(heartbeats=[beat("agent-1"), beat("host7-a")]),
-                            metadata=bearer(mint(SECRET, "agent-1", 60)))
+        auth_stub.BeatBatch(
+            hb.BeatBatchRequest(heartbeats=[beat("agent-1"), beat("host7-a")]),
+            metadata=bearer(mint(SECRET, "agent-1", 60)),
+        )
     )
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
 
@@ -117,7 +119,9 @@ async def test_tls_with_token(settings: Settings, pki) -> None:
     try:
         creds = grpc.ssl_channel_credentials(ca.pem)
         async with grpc.aio.secure_channel(settings.grpc_addr, creds) as channel:
-            reply = await hb_grpc.HeartbeatServiceStub(channel).Beat(beat("agent-1"), metadata=bearer(mint(SECRET, "agent-1", 60)))
+            reply = await hb_grpc.HeartbeatServiceStub(channel).Beat(
+                beat("agent-1"), metadata=bearer(mint(SECRET, "agent-1", 60))
+            )
             assert reply.received_ms > 0
         async with grpc.aio.insecure_channel(settings.grpc_addr) as channel:  # plaintext to a TLS port
             err = await refused(hb_grpc.HeartbeatServiceStub(channel).Beat(beat("agent-1"), timeout=3))

@@ -10,12 +10,14 @@ import time
 import grpc
 import pytest
 import redis
-from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
-from heartbeat_registry import embedded
-from heartbeat_registry.names import Names
+from heartbeat_registry.core.names import Names
+from heartbeat_registry.core.settings import Settings
+from heartbeat_registry.hbreg import services
 from heartbeat_registry.pb import hb
-from heartbeat_registry.settings import Settings
 from ingest import validate
 from ingest.auth import mint
 from tests import procs
@@ -23,8 +25,11 @@ from tests import procs
 SECRET = "fuzz-secret-0123456789-0123456789-abcdef"
 METHODS = ("Beat", "BeatBatch", "BeatStream")
 EXPECTED = {
-    grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
 }
 
 
@@ -33,10 +38,11 @@ def fuzz_target(valkey_url: str, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
     from tests.conftest import make_settings
 
-    s = dataclasses.replace(make_settings(tmp, "fuzz" + str(int(time.time())), redis_url=valkey_url),
-                            auth=True, auth_secret=SECRET)
+    s = dataclasses.replace(
+        make_settings(tmp, "fuzz" + str(int(time.time())), redis_url=valkey_url), auth=True, auth_secret=SECRET
+    )
     proc = procs.hbreg(["ingest"], s, tmp / "ingest.log")
-    embedded.wait_port("127.0.0.1", int(s.grpc_addr.rpartition(":")[2]), 20, "ingest")
+    services.wait_port("127.0.0.1", int(s.grpc_addr.rpartition(":")[2]), 20, "ingest")
     channel = grpc.insecure_channel(s.grpc_addr)
     token = mint(SECRET.encode(), "fuzzer", 3600, relay_for=("*",))
     yield s, proc, channel, (("authorization", f"Bearer {token}"),)
@@ -70,8 +76,13 @@ def assert_only_valid_stored(s: Settings) -> None:
         for _, fields in client.xrange(stream):
             cols = hb.HeartbeatColumns.FromString(fields[b"b"])
             for i in range(len(cols.agent_id)):
-                beat = hb.Heartbeat(agent_id=cols.agent_id[i], task_id=cols.task_id[i], status=cols.status[i],
-                                    timestamp=cols.timestamp[i], cpu_util=cols.cpu_util[i])
+                beat = hb.Heartbeat(
+                    agent_id=cols.agent_id[i],
+                    task_id=cols.task_id[i],
+                    status=cols.status[i],
+                    timestamp=cols.timestamp[i],
+                    cpu_util=cols.cpu_util[i],
+                )
                 if not math.isnan(cols.progress[i]):
                     beat.progress = cols.progress[i]
                 validate.check(beat)  # raises for anything invalid that got stored
@@ -94,7 +105,11 @@ text = st.text(st.characters(codec="utf-8"), max_size=150)
 floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
 heartbeats = st.builds(
     lambda agent, task, status, ts, cpu, progress: hb.Heartbeat(
-        agent_id=agent, task_id=task, status=status, timestamp=ts, cpu_util=cpu,
+        agent_id=agent,
+        task_id=task,
+        status=status,
+        timestamp=ts,
+        cpu_util=cpu,
         **({} if progress is None else {"progress": progress}),
     ),
     st.one_of(text, st.sampled_from(["agent-1", "a.b:c@d/e-f", ""])),
@@ -107,8 +122,11 @@ heartbeats = st.builds(
 
 
 @FUZZ
-@given(method=st.sampled_from(METHODS), beats=st.lists(heartbeats, min_size=0, max_size=5),
-       auth=st.one_of(st.none(), st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=200)))
+@given(
+    method=st.sampled_from(METHODS),
+    beats=st.lists(heartbeats, min_size=0, max_size=5),
+    auth=st.one_of(st.none(), st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=200)),
+)
 def test_arbitrary_field_values(fuzz_target, method: str, beats: list, auth) -> None:
     s, proc, channel, metadata = fuzz_target
     if auth is not None:  # any legal header value (grpc itself refuses to send control characters)

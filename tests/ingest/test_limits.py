@@ -9,13 +9,15 @@ import time
 import grpc
 import pytest
 
+from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.pb import hb, hb_grpc
-from heartbeat_registry.settings import Settings
 from ingest.server import Ingest
 
 
 def beat(agent: str, **changes) -> hb.Heartbeat:
-    message = hb.Heartbeat(agent_id=agent, task_id="t", status=hb.RUNNING, timestamp=int(time.time() * 1000), cpu_util=0.1)
+    message = hb.Heartbeat(
+        agent_id=agent, task_id="t", status=hb.RUNNING, timestamp=int(time.time() * 1000), cpu_util=0.1
+    )
     for key, value in changes.items():
         setattr(message, key, value)
     return message
@@ -95,4 +97,8 @@ async def test_clock_skew_limit(limited) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await limited.Beat(beat("agent-k", timestamp=now + offset))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert err.value.details().startswith("timestamp: ") and word in err.value.details() and "limit" in err.value.details()
+        assert (
+            err.value.details().startswith("timestamp: ")
+            and word in err.value.details()
+            and "limit" in err.value.details()
+        )

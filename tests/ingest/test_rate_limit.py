@@ -18,5 +18,9 @@ def test_agents_are_independent_and_quiet_ones_are_forgotten() -> None:
     limiter = RateLimiter(rate=1.0, burst=1.0)
     assert limiter.allow("a", 0.0) and not limiter.allow("a", 0.0)
     assert limiter.allow("b", 0.0)
+    assert len(limiter) == 2
+    limiter.sweep(0.5)  # too early: both are still ahead of their schedule
+    assert len(limiter) == 2
     limiter.sweep(120.0)
-    assert limiter._tat == {}
+    assert len(limiter) == 0  # memory follows the live fleet
+    assert limiter.allow("a", 120.0) and not limiter.allow("a", 120.0)  # a fresh burst, the same limit

@@ -14,10 +14,10 @@ import grpc
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from heartbeat_registry import embedded
-from heartbeat_registry.names import Names, partition_of
+from heartbeat_registry.core.names import Names, partition_of
+from heartbeat_registry.core.settings import Settings
+from heartbeat_registry.hbreg import services
 from heartbeat_registry.pb import hb, hb_grpc
-from heartbeat_registry.settings import Settings
 from ingest.server import Ingest
 from ingest.writer import StreamWriter
 from tests import procs
@@ -40,10 +40,12 @@ class Load:
     async def _caller(self, stub: hb_grpc.HeartbeatServiceStub) -> None:
         while not self.stop.is_set():
             stamps = [next(_counter) for _ in range(self.batch)]
-            request = hb.BeatBatchRequest(heartbeats=[
-                hb.Heartbeat(agent_id=f"agent-{s % 97}", task_id="t", status=hb.RUNNING, timestamp=s, cpu_util=0.2)
-                for s in stamps
-            ])
+            request = hb.BeatBatchRequest(
+                heartbeats=[
+                    hb.Heartbeat(agent_id=f"agent-{s % 97}", task_id="t", status=hb.RUNNING, timestamp=s, cpu_util=0.2)
+                    for s in stamps
+                ]
+            )
             started = time.monotonic()
             try:
                 await stub.BeatBatch(request, timeout=5)
@@ -69,9 +71,10 @@ async def stored_stamps(redis_url: str, names: Names) -> set[int]:
 
 
 def start_valkey(port: int, data) -> subprocess.Popen:
-    proc = subprocess.Popen(embedded.valkey_command(port, data, durable=True),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    embedded.wait_port("127.0.0.1", port, 15, "valkey")
+    proc = subprocess.Popen(
+        services.valkey_command(port, data, durable=True), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    services.wait_port("127.0.0.1", port, 15, "valkey")
     return proc
 
 
@@ -82,7 +85,7 @@ async def serving(addr: str) -> int:
 
 
 async def test_redis_killed_and_restarted_under_load(settings: Settings, tmp_path) -> None:
-    port = embedded.free_port()
+    port = services.free_port()
     valkey = start_valkey(port, tmp_path / "valkey")
     settings = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{port}")
     node = Ingest(settings)
@@ -121,7 +124,7 @@ async def test_redis_killed_and_restarted_under_load(settings: Settings, tmp_pat
 
 async def test_sigterm_under_load_loses_nothing_acknowledged(settings: Settings, tmp_path) -> None:
     ingest = procs.hbreg(["ingest"], settings, tmp_path / "ingest.log")
-    embedded.wait_port("127.0.0.1", int(settings.grpc_addr.rpartition(":")[2]), 20, "ingest")
+    services.wait_port("127.0.0.1", int(settings.grpc_addr.rpartition(":")[2]), 20, "ingest")
     load = Load(settings.grpc_addr, callers=16)
     runner = asyncio.create_task(load.run())
     try:

@@ -9,16 +9,20 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from heartbeat_registry import registry
-from heartbeat_registry.names import Names, partition_of
+from heartbeat_registry.core.names import Names, partition_of
+from heartbeat_registry.core.settings import Settings
+from heartbeat_registry.core.views import RegistryEntry
 from heartbeat_registry.pb import hb
-from heartbeat_registry.settings import Settings
 
 
 def beat(agent: str, seq: int = 1, **changes) -> hb.Heartbeat:
     message = hb.Heartbeat(
-        agent_id=agent, task_id=f"{agent}-t", status=hb.RUNNING, timestamp=int(time.time() * 1000),
-        cpu_util=0.25, seq=seq,
+        agent_id=agent,
+        task_id=f"{agent}-t",
+        status=hb.RUNNING,
+        timestamp=int(time.time() * 1000),
+        cpu_util=0.25,
+        seq=seq,
     )
     for key, value in changes.items():
         setattr(message, key, value)
@@ -31,7 +35,7 @@ async def stored(client: aioredis.Redis, names: Names) -> list[tuple[str, int, i
     for stream in names.streams():
         for _, fields in await client.xrange(stream):
             cols = hb.HeartbeatColumns.FromString(fields[b"b"])
-            out.extend(zip(cols.agent_id, cols.received_ms, cols.status))
+            out.extend(zip(cols.agent_id, cols.received_ms, cols.status, strict=True))
     return out
 
 
@@ -43,10 +47,10 @@ async def test_beat_lands_in_stream_and_registry(stub, redis, settings: Settings
     rows = await stored(redis, names)
     assert rows == [("agent-a", reply.received_ms, hb.RUNNING)]
     shard = partition_of("agent-a", settings.stream_shards)
-    entry = registry.decode("agent-a", await redis.hget(names.latest(shard), "agent-a"))
-    assert entry["last_seen_ms"] == reply.received_ms
-    assert entry["task_id"] == "agent-a-t" and entry["status"] == "RUNNING"
-    assert entry["cpu_util"] == pytest.approx(0.4) and entry["progress"] == pytest.approx(0.5)
+    entry = RegistryEntry.decode("agent-a", await redis.hget(names.latest(shard), "agent-a"))
+    assert entry.last_seen_ms == reply.received_ms
+    assert entry.task_id == "agent-a-t" and entry.status == hb.RUNNING
+    assert entry.cpu_util == pytest.approx(0.4) and entry.progress == pytest.approx(0.5)
 
 
 async def test_batch_lands_whole(stub, redis, settings: Settings) -> None:

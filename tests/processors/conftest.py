@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from heartbeat_registry import embedded
-from heartbeat_registry.bench.common import wait_worker
+from heartbeat_registry.core.settings import Settings
+from heartbeat_registry.hbreg import services
+from heartbeat_registry.hbreg.bench.common import wait_worker
 from heartbeat_registry.pb import hb_grpc
-from heartbeat_registry.settings import Settings
 from ingest.server import Ingest
-from sinks.query import QueryServer
+from sinks.web.server import QueryServer
 from tests import procs
 
 
@@ -30,7 +30,7 @@ class Pipeline:
 
     async def add_worker(self) -> subprocess.Popen:
         """One more faust worker (its own web port); returns once it owns partitions."""
-        settings = dataclasses.replace(self.settings, worker_web_addr=f"127.0.0.1:{embedded.free_port()}")
+        settings = dataclasses.replace(self.settings, worker_web_addr=f"127.0.0.1:{services.free_port()}")
         worker = procs.hbreg(["worker"], settings, self.tmp_path / f"worker{len(self.workers)}.log")
         self.workers.append(worker)
         await asyncio.to_thread(wait_worker, settings.worker_web_addr, worker, 60)
@@ -38,7 +38,9 @@ class Pipeline:
 
 
 @contextlib.asynccontextmanager
-async def running_pipeline(settings: Settings, tmp_path, workers: int = 1, query: bool = False) -> AsyncIterator[Pipeline]:
+async def running_pipeline(
+    settings: Settings, tmp_path, workers: int = 1, query: bool = False
+) -> AsyncIterator[Pipeline]:
     """Ingest and query API in-process; bridge and faust workers as real processes."""
     ingest = Ingest(settings)
     await ingest.start()

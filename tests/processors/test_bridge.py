@@ -13,12 +13,12 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
-from heartbeat_registry.names import Names, partition_of
+from heartbeat_registry.core.names import Names, partition_of
+from heartbeat_registry.core.settings import Settings
+from heartbeat_registry.core.topics import ensure_topics, pipeline_topics
 from heartbeat_registry.pb import hb, hb_grpc
-from heartbeat_registry.settings import Settings
 from ingest.server import Ingest
 from processors.bridge import Bridge
-from processors.topics import ensure_topics
 from tests import procs
 from tests.kafka_helpers import columns, eventually, read_records
 
@@ -48,7 +48,7 @@ def delivered(records: list) -> collections.Counter:
 
 async def run_bridge(settings: Settings, stop: asyncio.Event, consumer: str = "bridge-1") -> Bridge:
     names = Names.of(settings)
-    await ensure_topics(settings.kafka_bootstrap, names, settings.topic_partitions)
+    await ensure_topics(settings.kafka_bootstrap, pipeline_topics(names, settings.topic_partitions))
     client = aioredis.Redis.from_url(settings.redis_url)
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=2)
     await producer.start()
@@ -89,7 +89,7 @@ async def test_every_acknowledged_heartbeat_once(pipeline_settings: Settings, sh
     counts = delivered(records)
     assert set(counts) == set(range(1, 5001))
     assert set(counts.values()) == {1}, "a heartbeat was delivered twice without a crash"
-    for record, cols in zip(records, columns(records)):
+    for record, cols in zip(records, columns(records), strict=True):
         assert {partition_of(a, settings.topic_partitions) for a in cols.agent_id} <= {record.partition}
         assert cols.watermark_ms > 0
 
@@ -100,14 +100,15 @@ async def test_idle_partitions_get_watermark_ticks(pipeline_settings: Settings) 
     bridge = await run_bridge(pipeline_settings, stop)
     try:
         records = await read_records(
-            pipeline_settings.kafka_bootstrap, names.heartbeats_topic,
+            pipeline_settings.kafka_bootstrap,
+            names.heartbeats_topic,
             lambda rs: {r.partition for r in rs} == set(range(pipeline_settings.topic_partitions)) and len(rs) > 20,
         )
     finally:
         stop.set()
         await bridge.task
     per_partition = collections.defaultdict(list)
-    for record, cols in zip(records, columns(records)):
+    for record, cols in zip(records, columns(records), strict=True):
         assert not cols.agent_id
         per_partition[record.partition].append(cols.watermark_ms)
     for marks in per_partition.values():

@@ -12,14 +12,31 @@ import time
 import urllib.request
 
 import pytest
+import redis.asyncio as aioredis
 
-from heartbeat_registry import embedded
-from heartbeat_registry.settings import Settings
+from heartbeat_registry.core.names import Names
+from heartbeat_registry.core.settings import Settings
+from heartbeat_registry.hbreg import services
+from heartbeat_registry.hbreg.simulate import Fleet
+from heartbeat_registry.pb import hb
 from tests import procs
-from heartbeat_registry.bench.fleet import Fleet
 from tests.processors.conftest import running_pipeline
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+
+async def stored_heartbeats(settings: Settings) -> list[tuple[str, int]]:
+    """(agent, receive time) of every heartbeat in the Redis shard streams."""
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        out = []
+        for stream in Names.of(settings).streams():
+            for _, fields in await client.xrange(stream):
+                cols = hb.HeartbeatColumns.FromString(fields[b"b"])
+                out.extend(zip(cols.agent_id, cols.received_ms, strict=True))
+        return out
+    finally:
+        await client.aclose()
 
 
 def windows_of(settings: Settings, agent: str) -> dict[int, dict]:
@@ -29,23 +46,26 @@ def windows_of(settings: Settings, agent: str) -> dict[int, dict]:
 
 
 async def test_kill_and_restart_keeps_window_counts_exact(pipeline_settings: Settings, tmp_path) -> None:
-    settings = dataclasses.replace(pipeline_settings, window_size=2.0, stall_timeout=5.0,
-                                   http_addr=f"127.0.0.1:{embedded.free_port()}")
+    settings = dataclasses.replace(
+        pipeline_settings, window_size=2.0, stall_timeout=5.0, http_addr=f"127.0.0.1:{services.free_port()}"
+    )
     async with running_pipeline(settings, tmp_path, query=True) as pipeline:
         agents = [f"c{i:02d}" for i in range(40)]
-        fleet = Fleet(pipeline.stub, agents, interval=0.1, jitter=0.3)
-        runner = asyncio.create_task(fleet.run())
+        fleet = Fleet(settings.grpc_addr, agents, interval=0.1, jitter=0.3)
+        await fleet.start()
         await asyncio.sleep(5.3)
         procs.stop(pipeline.workers[0], signal.SIGKILL)  # open windows, unacknowledged records
         await asyncio.sleep(1.0)
         await pipeline.add_worker()
         await asyncio.sleep(4.0)
-        fleet.stop.set()
-        await runner
+        await fleet.stop()
+        # the truth: every heartbeat the ingest made durable (acknowledged or not), from the Redis streams
         sent: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-        for agent, received in fleet.received:
+        newest = 0
+        for agent, received in await stored_heartbeats(settings):
             sent[agent][received - received % 2000] += 1
-        last_closed = max(received for _, received in fleet.received) // 2000 * 2000 - 2000
+            newest = max(newest, received)
+        last_closed = newest // 2000 * 2000 - 2000
         deadline = time.monotonic() + 20
         while True:
             rows = {a: await asyncio.to_thread(windows_of, settings, a) for a in agents}
@@ -55,7 +75,8 @@ async def test_kill_and_restart_keeps_window_counts_exact(pipeline_settings: Set
     assert not fleet.errors
     wrong = [
         (agent, start, rows[agent].get(start, {}).get("beats"), count, rows[agent].get(start, {}).get("final"))
-        for agent in agents for start, count in sorted(sent[agent].items())
+        for agent in agents
+        for start, count in sorted(sent[agent].items())
         if start <= last_closed and rows[agent].get(start, {}).get("beats") != count
     ]
     assert not wrong, f"{len(wrong)} windows miscounted (agent, start, counted, sent, final): {wrong[:10]}"
@@ -64,12 +85,11 @@ async def test_kill_and_restart_keeps_window_counts_exact(pipeline_settings: Set
 async def test_sigterm_stops_the_worker_promptly(pipeline_settings: Settings, tmp_path) -> None:
     settings = dataclasses.replace(pipeline_settings, window_size=30.0)  # records stay unacknowledged
     async with running_pipeline(settings, tmp_path) as pipeline:
-        fleet = Fleet(pipeline.stub, [f"t{i}" for i in range(20)], interval=0.1)
-        runner = asyncio.create_task(fleet.run())
+        fleet = Fleet(settings.grpc_addr, [f"t{i}" for i in range(20)], interval=0.1)
+        await fleet.start()
         await asyncio.sleep(3)
         started = time.monotonic()
         code = procs.stop(pipeline.workers[0], signal.SIGTERM, timeout=30)
         took = time.monotonic() - started
-        fleet.stop.set()
-        await runner
+        await fleet.stop()
     assert code == 0 and took < 10, f"worker took {took:.1f} s to stop (exit {code})"

@@ -9,11 +9,11 @@ import signal
 
 import pytest
 
-from heartbeat_registry.names import Names
+from heartbeat_registry.core.names import Names
+from heartbeat_registry.core.settings import Settings
+from heartbeat_registry.hbreg.simulate import Fleet
 from heartbeat_registry.pb import hb
-from heartbeat_registry.settings import Settings
 from tests import procs
-from heartbeat_registry.bench.fleet import Fleet
 from tests.kafka_helpers import read_events
 from tests.processors.conftest import running_pipeline
 
@@ -29,20 +29,21 @@ async def events_now(settings: Settings, wait: float = 1.0) -> list[hb.AgentEven
 
 
 async def test_jittery_fleet_never_stalls(pipeline_settings: Settings, tmp_path) -> None:
-    """200 agents every 200 ms +-50% for 60 s: zero stalls; one agent pausing 1.5 s (timeout 2 s): none."""
+    """200 agents every 200 ms +-50% for 60 s: zero stalls; one agent pausing 1.5 s (timeout 2 s): none.
+    Positive control in the same fleet: one agent killed halfway gets its stall."""
     settings = dataclasses.replace(pipeline_settings, stall_timeout=2.0)
-    async with running_pipeline(settings, tmp_path) as pipeline:
-        fleet = Fleet(pipeline.stub, [f"j{i:03d}" for i in range(200)], interval=0.2, jitter=0.5)
-        runner = asyncio.create_task(fleet.run())
+    async with running_pipeline(settings, tmp_path):
+        fleet = Fleet(settings.grpc_addr, [f"j{i:03d}" for i in range(200)], interval=0.2, jitter=0.5)
+        await fleet.start()
         await asyncio.sleep(30)
         fleet.pause("j007", 1.5)
+        await fleet.kill("j100")  # the control
         await asyncio.sleep(30)
-        fleet.stop.set()
-        await runner
+        await fleet.stop()
         events = await events_now(settings)
     assert not fleet.errors
-    assert fleet.sent > 200 * 5 * 55
-    assert of_type(events, hb.STALL) == []
+    assert fleet.acknowledged > 200 * 4 * 55
+    assert [(e.agent_id, e.reason) for e in of_type(events, hb.STALL)] == [("j100", "silent")]
     assert of_type(events, hb.MASS_SILENCE) == []
 
 
@@ -50,21 +51,20 @@ async def test_killed_agents_stall_once_within_timeout_and_recover(pipeline_sett
     """50 agents killed mid-task one after another: each yields exactly one `silent` stall no later than
     timeout + 0.5 s after its last beat (p99 over the 50), then one recovery when it returns."""
     settings = dataclasses.replace(pipeline_settings, stall_timeout=2.0, recovery_beats=2)
-    async with running_pipeline(settings, tmp_path) as pipeline:
+    async with running_pipeline(settings, tmp_path):
         victims = [f"k{i:02d}" for i in range(50)]
-        fleet = Fleet(pipeline.stub, victims + [f"bystander{i}" for i in range(50)], interval=0.2, jitter=0.3)
-        runner = asyncio.create_task(fleet.run())
+        fleet = Fleet(settings.grpc_addr, victims + [f"bystander{i}" for i in range(50)], interval=0.2, jitter=0.3)
+        await fleet.start()
         await asyncio.sleep(3)
         last_beat = {}
         for agent in victims:  # staggered, so they are 50 individual stalls, not one outage
-            last_beat[agent] = fleet.kill(agent)
+            last_beat[agent] = await fleet.kill(agent)
             await asyncio.sleep(0.12)
         await asyncio.sleep(settings.stall_timeout + 1.5)
         for agent in victims:
-            fleet.revive(agent)
+            await fleet.revive(agent)
         await asyncio.sleep(2.0)
-        fleet.stop.set()
-        await runner
+        await fleet.stop()
         events = await events_now(settings)
     stalls = of_type(events, hb.STALL)
     assert sorted(e.agent_id for e in stalls) == victims, "exactly one stall per killed agent, none for others"
@@ -79,17 +79,14 @@ async def test_killed_agents_stall_once_within_timeout_and_recover(pipeline_sett
 
 async def test_hung_and_overdue(pipeline_settings: Settings, tmp_path) -> None:
     settings = dataclasses.replace(pipeline_settings, window_size=2.0, max_task_duration=4.0, hung_cpu=0.05)
-    async with running_pipeline(settings, tmp_path) as pipeline:
-        fleet = Fleet(pipeline.stub, ["hung-1", "busy-1", "long-1"], interval=0.2, jitter=0.2)
-        fleet.agents["hung-1"].cpu = 0.0
-        for agent in ("busy-1", "hung-1"):  # new task every beat cycle: never overdue
-            fleet.agents[agent].task_id = f"{agent}-short"
-        runner = asyncio.create_task(fleet.run())
+    async with running_pipeline(settings, tmp_path):
+        fleet = Fleet(settings.grpc_addr, ["hung-1", "busy-1", "long-1"], interval=0.2, jitter=0.2)
+        fleet.agents["hung-1"].report(cpu=0.0)
+        await fleet.start()
         await asyncio.sleep(3.0)
-        fleet.agents["busy-1"].task_id = "busy-1-next"  # switches tasks: not overdue
+        fleet.agents["busy-1"].report(task_id="busy-1-next")  # switches tasks: not overdue
         await asyncio.sleep(3.5)
-        fleet.stop.set()
-        await runner
+        await fleet.stop()
         events = await events_now(settings)
     stalls = of_type(events, hb.STALL)
     assert [(e.agent_id, e.reason) for e in stalls if e.agent_id != "long-1"] == [("hung-1", "hung")]
@@ -103,34 +100,33 @@ async def test_hung_and_overdue(pipeline_settings: Settings, tmp_path) -> None:
 async def test_paused_bridge_raises_pipeline_lag_not_stalls(pipeline_settings: Settings, tmp_path) -> None:
     settings = dataclasses.replace(pipeline_settings, stall_timeout=2.0, lag_alert=2.0)
     async with running_pipeline(settings, tmp_path) as pipeline:
-        fleet = Fleet(pipeline.stub, [f"p{i:02d}" for i in range(30)], interval=0.3, jitter=0.3)
-        runner = asyncio.create_task(fleet.run())
+        fleet = Fleet(settings.grpc_addr, [f"p{i:02d}" for i in range(30)], interval=0.3, jitter=0.3)
+        await fleet.start()
         await asyncio.sleep(3)
         pipeline.bridge.send_signal(signal.SIGSTOP)
         await asyncio.sleep(3 * settings.stall_timeout)
         pipeline.bridge.send_signal(signal.SIGCONT)
-        await asyncio.sleep(4)
-        fleet.stop.set()
-        await runner
+        await asyncio.sleep(2)
+        await fleet.kill("p29")  # the control: a real death after the pause is still seen
+        await asyncio.sleep(settings.stall_timeout + 2)
+        await fleet.stop()
         events = await events_now(settings)
     assert not fleet.errors
-    assert of_type(events, hb.STALL) == [] and of_type(events, hb.MASS_SILENCE) == []
+    assert [e.agent_id for e in of_type(events, hb.STALL)] == ["p29"] and of_type(events, hb.MASS_SILENCE) == []
     kinds = [e.type for e in events if e.type in (hb.PIPELINE_LAG, hb.PIPELINE_CAUGHT_UP)]
     assert kinds == [hb.PIPELINE_LAG, hb.PIPELINE_CAUGHT_UP]
 
 
 async def test_cutting_off_most_of_a_partition_is_one_mass_silence(pipeline_settings: Settings, tmp_path) -> None:
     settings = dataclasses.replace(pipeline_settings, topic_partitions=1, stream_shards=1, stall_timeout=2.0)
-    async with running_pipeline(settings, tmp_path) as pipeline:
+    async with running_pipeline(settings, tmp_path):
         agents = [f"m{i:03d}" for i in range(200)]
-        fleet = Fleet(pipeline.stub, agents, interval=0.2, jitter=0.5)
-        runner = asyncio.create_task(fleet.run())
+        fleet = Fleet(settings.grpc_addr, agents, interval=0.2, jitter=0.5)
+        await fleet.start()
         await asyncio.sleep(3)
-        for agent in agents[:160]:
-            fleet.kill(agent)
+        await asyncio.gather(*(fleet.kill(agent) for agent in agents[:160]))
         await asyncio.sleep(settings.stall_timeout + 2)
-        fleet.stop.set()
-        await runner
+        await fleet.stop()
         events = await events_now(settings)
     assert of_type(events, hb.STALL) == [], "a mass silence must not become individual stalls"
     mass = of_type(events, hb.MASS_SILENCE)
@@ -141,22 +137,21 @@ async def test_worker_killed_mid_run_loses_and_repeats_no_event(pipeline_setting
     settings = dataclasses.replace(pipeline_settings, stall_timeout=2.0, recovery_beats=2)
     async with running_pipeline(settings, tmp_path, workers=2) as pipeline:
         agents = [f"w{i:02d}" for i in range(40)]
-        fleet = Fleet(pipeline.stub, agents, interval=0.2, jitter=0.3)
-        runner = asyncio.create_task(fleet.run())
+        fleet = Fleet(settings.grpc_addr, agents, interval=0.2, jitter=0.3)
+        await fleet.start()
         await asyncio.sleep(3)
         victims = agents[::4]  # spread over every partition
         for agent in victims:
-            fleet.kill(agent)
+            await fleet.kill(agent)
             await asyncio.sleep(0.15)
         await asyncio.sleep(1.0)
         procs.stop(pipeline.workers[0], signal.SIGKILL)  # mid-run: some stalls emitted, some not yet
         # the survivor takes over after the session timeout (10 s) and a group join, then replays
         await asyncio.sleep(settings.stall_timeout + 20)
         for agent in victims:
-            fleet.revive(agent)
+            await fleet.revive(agent)
         await asyncio.sleep(4)
-        fleet.stop.set()
-        await runner
+        await fleet.stop()
         events = await events_now(settings, wait=2)
     stalls = of_type(events, hb.STALL)
     recoveries = of_type(events, hb.RECOVERY)
@@ -167,21 +162,23 @@ async def test_worker_killed_mid_run_loses_and_repeats_no_event(pipeline_setting
 
 async def test_workers_joining_and_leaving_stall_nobody(pipeline_settings: Settings, tmp_path) -> None:
     """Every rebalance hands partitions over mid-window (faust seeks back, may deliver records from before
-    the seek, discards what it had fetched): no agent of a steadily beating fleet is ever stalled."""
+    the seek, discards what it had fetched): no agent of a steadily beating fleet is ever stalled. Positive
+    control: one agent killed at the last rebalance is stalled exactly once."""
     settings = dataclasses.replace(pipeline_settings, stall_timeout=2.0, window_size=2.0)
     async with running_pipeline(settings, tmp_path) as pipeline:
-        fleet = Fleet(pipeline.stub, [f"r{i:02d}" for i in range(40)], interval=0.2, jitter=0.3)
-        runner = asyncio.create_task(fleet.run())
+        fleet = Fleet(settings.grpc_addr, [f"r{i:02d}" for i in range(40)], interval=0.2, jitter=0.3)
+        await fleet.start()
         await asyncio.sleep(3)
         for leave in (signal.SIGTERM, signal.SIGKILL, signal.SIGTERM):
             worker = await pipeline.add_worker()
             await asyncio.sleep(2)
             procs.stop(worker, leave)
             pipeline.workers.remove(worker)
+            if leave == signal.SIGKILL:
+                await fleet.kill("r39")  # the control: dies while its partition may be changing hands
             # a killed worker's partitions move after the session timeout (10 s)
             await asyncio.sleep(14 if leave == signal.SIGKILL else 3)
-        fleet.stop.set()
-        await runner
+        await fleet.stop()
         events = await events_now(settings)
     assert not fleet.errors
-    assert of_type(events, hb.STALL) == [] and of_type(events, hb.MASS_SILENCE) == []
+    assert [e.agent_id for e in of_type(events, hb.STALL)] == ["r39"] and of_type(events, hb.MASS_SILENCE) == []

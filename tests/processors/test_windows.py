@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+from heartbeat_registry.core.windowstats import WindowStats
 from heartbeat_registry.pb import hb
 from processors.liveness import Rules
 from processors.partition import EARLY_WAIT_S, PartitionState
 
 RULES = Rules(timeout_ms=60_000)
-from processors.windows import Accumulator
 
 
 def test_aggregates() -> None:
-    acc = Accumulator()
+    acc = WindowStats()
     previous = 0
     cpus = [0.1, 0.2, 0.3, 0.4, 0.5]
     for i, cpu in enumerate(cpus):
@@ -29,7 +29,7 @@ def test_aggregates() -> None:
 
 
 def test_merge_equals_one_pass() -> None:
-    whole, first, second = Accumulator(), Accumulator(), Accumulator()
+    whole, first, second = WindowStats(), WindowStats(), WindowStats()
     beats = [(i * 700, (i % 7) / 10) for i in range(30)]
     previous = 0
     for received, cpu in beats:
@@ -42,13 +42,17 @@ def test_merge_equals_one_pass() -> None:
     assert first.beats == whole.beats
     assert first.slope_per_min() == pytest.approx(whole.slope_per_min())
     assert first.p95() == whole.p95() and first.longest_gap == whole.longest_gap
-    assert Accumulator.load(first.dump()).slope_per_min() == pytest.approx(whole.slope_per_min())
+    assert WindowStats.load(first.dump()).slope_per_min() == pytest.approx(whole.slope_per_min())
 
 
 def cols(beats: list[tuple[str, int]], watermark: int) -> hb.HeartbeatColumns:
     return hb.HeartbeatColumns(
-        agent_id=[a for a, _ in beats], task_id=["t"] * len(beats), status=[hb.RUNNING] * len(beats),
-        cpu_util=[0.5] * len(beats), received_ms=[r for _, r in beats], watermark_ms=watermark,
+        agent_id=[a for a, _ in beats],
+        task_id=["t"] * len(beats),
+        status=[hb.RUNNING] * len(beats),
+        cpu_util=[0.5] * len(beats),
+        received_ms=[r for _, r in beats],
+        watermark_ms=watermark,
     )
 
 
@@ -94,7 +98,9 @@ def test_records_are_released_only_after_their_windows_close() -> None:
     state.hold("record-2", 2, newest)
     state.advance(10_000)
     assert state.releasable() == []  # closed, but its rows are not written yet
-    assert [(w.start, c, rows) for w, c, rows in state.next_window_chunks(5)] == [(0, 0, {"a": [2, 0.5, 0.5, 0.5, 2000, 0, "t", hb.RUNNING]})]
+    assert [(w.start, c, rows) for w, c, rows in state.next_window_chunks(5)] == [
+        (0, 0, {"a": [2, 0.5, 0.5, 0.5, 2000, 0, "t", hb.RUNNING]})
+    ]
     # record-2's window is written too, but faust commits past every acknowledged offset it can:
     # only the oldest records go, and a snapshot taken now replays from record-1
     assert state.releasable() == ["record-0"]
@@ -102,11 +108,19 @@ def test_records_are_released_only_after_their_windows_close() -> None:
     state.advance(20_000)
     state.next_window_chunks(5)
     assert state.releasable() == ["record-1", "record-2"]
-    _, newest = state.add(cols([], 25_000))  # a watermark alone waits for the open window
+    _, newest = state.add(cols([], 25_000))  # a watermark alone waits only for the windows closed so far
+    state.advance(25_000)
     state.hold("record-3", 3, newest)
-    assert state.releasable() == []
-    state.advance(30_000)
     assert state.releasable() == ["record-3"] and state.snapshot_meta()["next_offset"] == 4
+    _, newest = state.add(cols([("a", 31_000)], 31_000))
+    state.advance(31_000)
+    state.hold("record-4", 4, newest)
+    _, newest = state.add(cols([], 41_000))  # a tick that closes a window waits for its rows
+    state.advance(41_000)
+    state.hold("record-5", 5, newest)
+    assert state.releasable() == []
+    state.next_window_chunks(5)
+    assert state.releasable() == ["record-4", "record-5"]
 
 
 def test_records_are_folded_in_offset_order_from_the_snapshot() -> None:

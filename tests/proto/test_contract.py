@@ -13,7 +13,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_generated_code_is_fresh(tmp_path: pathlib.Path) -> None:
-    subprocess.run([sys.executable, str(ROOT / "proto" / "generate.py"), str(tmp_path)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "proto" / "generate.py"), str(tmp_path)], check=True, capture_output=True
+    )
     committed = ROOT / "heartbeat_registry" / "pb"
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*_pb2*.py*"))
     assert fresh, "protoc generated nothing"
@@ -29,9 +31,18 @@ def test_seed_fields_keep_their_numbers() -> None:
     assert fields["status"] == (3, F.TYPE_ENUM)
     assert fields["timestamp"] == (4, F.TYPE_INT64)
     assert fields["cpu_util"] == (5, F.TYPE_FLOAT)
-    assert all(number >= 6 for name, (number, _) in fields.items() if name not in {"agent_id", "task_id", "status", "timestamp", "cpu_util"})
+    assert all(
+        number >= 6
+        for name, (number, _) in fields.items()
+        if name not in {"agent_id", "task_id", "status", "timestamp", "cpu_util"}
+    )
     assert dict(hb.Status.items()) == {
-        "STATUS_UNSPECIFIED": 0, "IDLE": 1, "RUNNING": 2, "COMPLETED": 3, "FAILED": 4, "STOPPING": 5,
+        "STATUS_UNSPECIFIED": 0,
+        "IDLE": 1,
+        "RUNNING": 2,
+        "COMPLETED": 3,
+        "FAILED": 4,
+        "STOPPING": 5,
     }
 
 

@@ -1,8 +1,9 @@
 """Per-agent window aggregates: what one agent did in one tumbling window.
 
-Accumulators hold only sums and a coarse CPU histogram, so they merge: a hopping window (60 s every
-10 s) is the merge of its tumbling windows, not a second pass over the heartbeats. The histogram has
-one bin per 0.01 of CPU, which makes p95 exact to 0.01.
+The workers fold heartbeats into them and publish them; readers merge and summarise them. They hold
+only sums and a coarse CPU histogram, so they merge: a hopping window (60 s every 10 s) is the merge of
+its tumbling windows, not a second pass over the heartbeats. The histogram has one bin per 0.01 of CPU,
+which makes p95 exact to 0.01.
 """
 
 from __future__ import annotations
@@ -12,10 +13,23 @@ from typing import Any
 HIST_BINS = 100  # bin i holds cpu in [i/100, (i+1)/100); 1.0 falls in the last bin
 
 
-class Accumulator:
+class WindowStats:
     __slots__ = (
-        "beats", "cpu_sum", "cpu_min", "cpu_max", "first_seen", "last_seen", "longest_gap",
-        "st", "stt", "sc", "stc", "hist", "statuses", "task_id", "status",
+        "beats",
+        "cpu_sum",
+        "cpu_min",
+        "cpu_max",
+        "first_seen",
+        "last_seen",
+        "longest_gap",
+        "st",
+        "stt",
+        "sc",
+        "stc",
+        "hist",
+        "statuses",
+        "task_id",
+        "status",
     )
 
     def __init__(self) -> None:
@@ -58,7 +72,7 @@ class Accumulator:
         self.hist[b] = self.hist.get(b, 0) + 1
         self.statuses[status] = self.statuses.get(status, 0) + 1
 
-    def merge(self, other: Accumulator, shift_min: float) -> None:
+    def merge(self, other: WindowStats, shift_min: float) -> None:
         """Fold `other` in; its times are `shift_min` minutes after this accumulator's start."""
         if not other.beats:
             return
@@ -82,6 +96,9 @@ class Accumulator:
         for k, c in other.statuses.items():
             self.statuses[k] = self.statuses.get(k, 0) + c
 
+    def cpu_mean(self) -> float:
+        return round(self.cpu_sum / self.beats, 4) if self.beats else 0.0
+
     def p95(self) -> float:
         if not self.beats:
             return 0.0
@@ -104,8 +121,14 @@ class Accumulator:
         """The window's row in the faust `windows` table: small, because every window close writes one
         per agent to the changelog: [beats, cpu_mean, cpu_min, cpu_max, last_seen, longest_gap, task_id, status]."""
         return [
-            self.beats, round(self.cpu_sum / self.beats, 4) if self.beats else 0.0, round(self.cpu_min, 4),
-            round(self.cpu_max, 4), self.last_seen, self.longest_gap, self.task_id, self.status,
+            self.beats,
+            self.cpu_mean(),
+            round(self.cpu_min, 4),
+            round(self.cpu_max, 4),
+            self.last_seen,
+            self.longest_gap,
+            self.task_id,
+            self.status,
         ]
 
     # full form, for the query store (JSON): flat, so dumping is cheap
@@ -113,16 +136,43 @@ class Accumulator:
         flat_hist = [x for item in self.hist.items() for x in item]
         flat_statuses = [x for item in self.statuses.items() for x in item]
         return [
-            self.beats, self.cpu_sum, self.cpu_min, self.cpu_max, self.first_seen, self.last_seen,
-            self.longest_gap, self.st, self.stt, self.sc, self.stc, self.task_id, self.status,
-            flat_hist, flat_statuses,
+            self.beats,
+            self.cpu_sum,
+            self.cpu_min,
+            self.cpu_max,
+            self.first_seen,
+            self.last_seen,
+            self.longest_gap,
+            self.st,
+            self.stt,
+            self.sc,
+            self.stc,
+            self.task_id,
+            self.status,
+            flat_hist,
+            flat_statuses,
         ]
 
     @classmethod
-    def load(cls, data: list[Any]) -> Accumulator:
+    def load(cls, data: list[Any]) -> WindowStats:
         acc = cls()
-        (acc.beats, acc.cpu_sum, acc.cpu_min, acc.cpu_max, acc.first_seen, acc.last_seen, acc.longest_gap,
-         acc.st, acc.stt, acc.sc, acc.stc, acc.task_id, acc.status, hist, statuses) = data
-        acc.hist = dict(zip(hist[::2], hist[1::2]))
-        acc.statuses = dict(zip(statuses[::2], statuses[1::2]))
+        (
+            acc.beats,
+            acc.cpu_sum,
+            acc.cpu_min,
+            acc.cpu_max,
+            acc.first_seen,
+            acc.last_seen,
+            acc.longest_gap,
+            acc.st,
+            acc.stt,
+            acc.sc,
+            acc.stc,
+            acc.task_id,
+            acc.status,
+            hist,
+            statuses,
+        ) = data
+        acc.hist = dict(zip(hist[::2], hist[1::2], strict=True))
+        acc.statuses = dict(zip(statuses[::2], statuses[1::2], strict=True))
         return acc

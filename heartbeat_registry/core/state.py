@@ -1,8 +1,10 @@
-"""The state file `hbreg up` writes: `$HBREG_STATE_DIR/state.json`.
+"""What `hbreg up` keeps in `$HBREG_STATE_DIR`: the state file `state.json` and the signing secret.
 
-It records where the running system listens, so a second terminal's `hbreg events` or `hbreg send`
-finds it without any variable set. Keys: `pid`, `started_at_ms`, `broker` (`kafka` or `tansu`),
-`redis_url`, `kafka_bootstrap`, `grpc_addr`, `http_addr`, `auth_secret_file`, `processes` (name -> pid).
+The state file records where the running system listens, so a second terminal's `hbreg events` or
+`hbreg send` finds it without any variable set (the settings read it). Keys: `pid`, `started_at_ms`,
+`broker` (`kafka` or `tansu`), `redis_url`, `kafka_bootstrap`, `grpc_addr`, `http_addr`,
+`auth_secret_file`, `processes` (name -> pid). The secret file `auth_secret` outlives a run, so tokens
+minted for the embedded system stay valid across restarts.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import secrets
 from typing import Any
 
 FILENAME = "state.json"
+SECRET_FILENAME = "auth_secret"
 
 
 def path(state_dir: pathlib.Path) -> pathlib.Path:
@@ -51,3 +55,18 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def secret_path(state_dir: pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(state_dir) / SECRET_FILENAME
+
+
+def ensure_secret(state_dir: pathlib.Path) -> pathlib.Path:
+    """The signing secret `hbreg up` keeps in its state directory, made once with mode 600."""
+    path = secret_path(state_dir)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+    return path

@@ -22,12 +22,20 @@ import signal
 import time
 from typing import Any
 
-from heartbeat_registry import embedded
-from heartbeat_registry.bench.common import base_settings, isolated, service, wait_worker, workdir
-from heartbeat_registry.bench.fleet import Fleet
-from heartbeat_registry.names import Names
+from heartbeat_registry.core.events import EventReader
+from heartbeat_registry.core.names import Names
+from heartbeat_registry.core.settings import Settings
+from heartbeat_registry.hbreg import services
+from heartbeat_registry.hbreg.bench.common import (
+    base_settings,
+    isolated,
+    latency_summary,
+    service,
+    wait_worker,
+    workdir,
+)
+from heartbeat_registry.hbreg.simulate import Fleet
 from heartbeat_registry.pb import hb
-from heartbeat_registry.settings import Settings
 
 TIMEOUT_S = 3.0
 WINDOW_S = 5.0
@@ -43,78 +51,59 @@ class Truth:
 
 
 async def scenario(settings: Settings, agents: int, duration: float, bridge: Any) -> Truth:
-    import grpc
-
-    from heartbeat_registry.pb import hb_grpc
-
     rng = random.Random(42)
     names = [f"fleet-{i:04d}" for i in range(agents)]
     truth = Truth(hung=names[:HUNG_AGENTS])
     candidates = names[HUNG_AGENTS:]
     rng.shuffle(candidates)
-    async with grpc.aio.insecure_channel(settings.grpc_addr) as channel:
-        fleet = Fleet(hb_grpc.HeartbeatServiceStub(channel), names, interval=INTERVAL_S, jitter=0.3, seed=7)
-        runner = asyncio.create_task(fleet.run())
-        await asyncio.sleep(12)  # every agent has a beat history for phi
-        for agent in truth.hung:
-            fleet.agents[agent].cpu = 0.0
-        begin = time.monotonic()
-        pause_at = duration / 2
-        paused_pipeline = False
-        revive: list[tuple[float, str]] = []
-        while (elapsed := time.monotonic() - begin) < duration:
-            if not paused_pipeline and elapsed >= pause_at:
-                paused_pipeline = True
-                bridge.send_signal(signal.SIGSTOP)
-                await asyncio.sleep(2 * TIMEOUT_S)
-                bridge.send_signal(signal.SIGCONT)
-                continue
-            # no new kills around the pipeline pause: their stalls would be late by the pause itself
-            quiet = pause_at - 2 * TIMEOUT_S <= elapsed <= pause_at + 4 * TIMEOUT_S
-            if not quiet and candidates:
-                agent = candidates.pop()
-                if rng.random() < 0.5:
-                    truth.kills.setdefault(agent, []).append(fleet.kill(agent))
-                    revive.append((time.monotonic() + TIMEOUT_S + 3 + rng.uniform(0, 2), agent))
-                else:
-                    truth.paused.append(agent)
-                    fleet.pause(agent, 0.5 * TIMEOUT_S)
-            now = time.monotonic()
-            for item in [r for r in revive if r[0] <= now]:
-                fleet.revive(item[1])
-                revive.remove(item)
-            await asyncio.sleep(0.5)
-        for at, agent in sorted(revive):  # every kill stays silent past its deadline
-            await asyncio.sleep(max(0.0, at - time.monotonic()))
-            fleet.revive(agent)
-        await asyncio.sleep(WINDOW_S + 5)  # the last windows close, the last returns recover
-        fleet.stop.set()
-        await runner
-        await fleet.leave()
+    fleet = Fleet(settings.grpc_addr, names, interval=INTERVAL_S, jitter=0.3, seed=7)
+    await fleet.start()
+    await asyncio.sleep(12)  # every agent has a beat history for phi
+    for agent in truth.hung:
+        fleet.agents[agent].report(cpu=0.0)
+    begin = time.monotonic()
+    pause_at = duration / 2
+    paused_pipeline = False
+    revive: list[tuple[float, str]] = []
+    while (elapsed := time.monotonic() - begin) < duration:
+        if not paused_pipeline and elapsed >= pause_at:
+            paused_pipeline = True
+            bridge.send_signal(signal.SIGSTOP)
+            await asyncio.sleep(2 * TIMEOUT_S)
+            bridge.send_signal(signal.SIGCONT)
+            continue
+        # no new kills around the pipeline pause: their stalls would be late by the pause itself
+        quiet = pause_at - 2 * TIMEOUT_S <= elapsed <= pause_at + 4 * TIMEOUT_S
+        if not quiet and candidates:
+            agent = candidates.pop()
+            if rng.random() < 0.5:
+                truth.kills.setdefault(agent, []).append(await fleet.kill(agent))
+                revive.append((time.monotonic() + TIMEOUT_S + 3 + rng.uniform(0, 2), agent))
+            else:
+                truth.paused.append(agent)
+                fleet.pause(agent, 0.5 * TIMEOUT_S)
+        now = time.monotonic()
+        for item in [r for r in revive if r[0] <= now]:
+            await fleet.revive(item[1])
+            revive.remove(item)
+        await asyncio.sleep(0.5)
+    for at, agent in sorted(revive):  # every kill stays silent past its deadline
+        await asyncio.sleep(max(0.0, at - time.monotonic()))
+        await fleet.revive(agent)
+    await asyncio.sleep(WINDOW_S + 5)  # the last windows close, the last returns recover
+    await fleet.stop()  # STOPPING: the silence after the run is no stall
     return truth
 
 
-async def read_events(settings: Settings, wait: float = 3.0) -> list[hb.AgentEvent]:
-    from aiokafka import AIOKafkaConsumer
-
-    consumer = AIOKafkaConsumer(Names.of(settings).events_topic, bootstrap_servers=settings.kafka_bootstrap,
-                                group_id=None, auto_offset_reset="earliest")
-    await consumer.start()
-    out: list[hb.AgentEvent] = []
-    try:
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            for records in (await consumer.getmany(timeout_ms=300)).values():
-                out.extend(hb.AgentEvent.FromString(r.value) for r in records)
-    finally:
-        await consumer.stop()
-    return out
+async def read_events(settings: Settings) -> list[hb.AgentEvent]:
+    assert settings.kafka_bootstrap is not None
+    async with EventReader(settings.kafka_bootstrap, Names.of(settings).events_topic) as reader:
+        await reader.seek()
+        return await reader.history()
 
 
 def score(truth: Truth, events: list[hb.AgentEvent], timeout_ms: int) -> dict[str, Any]:
     """Match stall events to the injected faults; everything unmatched is a false positive."""
-    from heartbeat_registry.bench.common import latency_summary
-
     open_kills = {a: sorted(ls) for a, ls in truth.kills.items()}
     hung_left = set(truth.hung)
     false_positives = 0
@@ -150,14 +139,23 @@ def score(truth: Truth, events: list[hb.AgentEvent], timeout_ms: int) -> dict[st
 def run(agents: int, duration: float, redis_url: str | None, kafka_bootstrap: str | None) -> dict[str, Any]:
     with workdir() as tmp, contextlib.ExitStack() as stack:
         settings = isolated(
-            base_settings(stack, tmp, redis_url, kafka_bootstrap), "d",
-            stall_timeout=TIMEOUT_S, window_size=WINDOW_S, hung_cpu=0.05, lag_alert=TIMEOUT_S / 2,
+            base_settings(stack, tmp, redis_url, kafka_bootstrap),
+            "d",
+            stall_timeout=TIMEOUT_S,
+            window_size=WINDOW_S,
+            hung_cpu=0.05,
+            lag_alert=TIMEOUT_S / 2,
         )
         running = {c: stack.enter_context(service(settings, c, tmp)) for c in ("ingest", "bridge", "worker")}
         host, _, port = settings.grpc_addr.rpartition(":")
-        embedded.wait_port(host, int(port), 60, "ingest")
+        services.wait_port(host, int(port), 60, "ingest")
         wait_worker(settings.worker_web_addr)
         truth = asyncio.run(scenario(settings, agents, duration, running["bridge"]))
         events = asyncio.run(read_events(settings))
-        return {"machine": {"cpus": os.cpu_count()}, "agents": agents, "duration_s": duration,
-                "timeout_s": TIMEOUT_S, **score(truth, events, int(TIMEOUT_S * 1000))}
+        return {
+            "machine": {"cpus": os.cpu_count()},
+            "agents": agents,
+            "duration_s": duration,
+            "timeout_s": TIMEOUT_S,
+            **score(truth, events, int(TIMEOUT_S * 1000)),
+        }

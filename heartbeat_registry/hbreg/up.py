@@ -3,30 +3,61 @@
 Children run in their own sessions (a Ctrl-C reaches only this supervisor, which then stops them in
 reverse order so the ingest drains before Redis goes) and get SIGTERM from the kernel if the
 supervisor itself dies, so no process is left behind.
+
+Stopping never depends on the terminal: `hbreg up | tee log` and Ctrl-C kills `tee` too, and from then on
+every write to stdout fails. Output goes through `Console`, which drops it once stdout is gone, and the
+children's output is still drained (a child blocked on a full pipe could not shut down).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import dataclasses
 import os
 import pathlib
-import secrets
 import shlex
 import shutil
 import signal
 import sys
 import time
 
-from heartbeat_registry import embedded, state
+from heartbeat_registry.beats import now_ms
+from heartbeat_registry.core import lifecycle, state
+from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.errors import ServiceError
-from heartbeat_registry.settings import Settings
+from heartbeat_registry.hbreg import services
 
-PROCFILE = embedded.PROJECT_ROOT / "Procfile"
+PROCFILE = services.PROJECT_ROOT / "Procfile"
 STOP_TIMEOUT = 20.0
 START_TIMEOUT = 60.0
 _PR_SET_PDEATHSIG = 1
+# Valkey warns at every start that vm.overcommit_memory is off; that matters only for the fork of a
+# background save under memory pressure, which the embedded Valkey of one laptop never meets.
+_NOISE = (b"Memory overcommit must be enabled",)
+
+
+class Console:
+    """stdout that may go away (a closed pipe): after the first failed write, output is dropped."""
+
+    def __init__(self) -> None:
+        self.gone = False
+
+    def write(self, text: str) -> None:
+        if self.gone:
+            return
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            self.gone = True
+            # later writes (and the interpreter's own flush at exit) must not raise either
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+    def say(self, text: str) -> None:
+        self.write(text + "\n")
 
 
 def read_procfile(path: pathlib.Path = PROCFILE) -> dict[str, list[str]]:
@@ -62,16 +93,18 @@ class Child:
     pump: asyncio.Task
 
 
-async def _pump(name: str, stream: asyncio.StreamReader, width: int) -> None:
+async def _pump(name: str, stream: asyncio.StreamReader, width: int, console: Console) -> None:
+    """The child's output, prefixed with its name; drained to the end whatever became of stdout."""
     while line := await stream.readline():
-        sys.stdout.write(f"{name:<{width}} | {line.decode(errors='replace')}")
-        sys.stdout.flush()
+        if not any(noise in line for noise in _NOISE):
+            console.write(f"{name:<{width}} | {line.decode(errors='replace')}")
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, env: dict[str, str]) -> None:
+    def __init__(self, settings: Settings, env: dict[str, str], console: Console) -> None:
         self.settings = settings
         self.env = env
+        self.console = console
         self.children: list[Child] = []
         self.width = 8
 
@@ -85,7 +118,8 @@ class Supervisor:
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
-        child = Child(name, proc, asyncio.create_task(_pump(name, proc.stdout, self.width)))
+        assert proc.stdout is not None
+        child = Child(name, proc, asyncio.create_task(_pump(name, proc.stdout, self.width, self.console)))
         self.children.append(child)
         return child
 
@@ -99,39 +133,23 @@ class Supervisor:
                 _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 0.5)
                 writer.close()
                 return
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 await asyncio.sleep(0.1)
         raise ServiceError(f"{what} did not listen on {addr} within {START_TIMEOUT:.0f} s")
 
     async def stop_all(self) -> None:
         for child in reversed(self.children):
             if child.proc.returncode is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(child.proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
                 try:
                     await asyncio.wait_for(child.proc.wait(), STOP_TIMEOUT)
-                except asyncio.TimeoutError:
-                    print(f"{child.name} did not stop within {STOP_TIMEOUT:.0f} s: killing it", flush=True)
-                    try:
+                except TimeoutError:
+                    self.console.say(f"hbreg: {child.name} did not stop within {STOP_TIMEOUT:.0f} s: killing it")
+                    with contextlib.suppress(ProcessLookupError):
                         os.killpg(child.proc.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
                     await child.proc.wait()
             await child.pump
-
-
-def ensure_secret(state_dir: pathlib.Path) -> pathlib.Path:
-    """The token signing secret `hbreg up` keeps in its state directory (made once, mode 600), so
-    `hbreg token` and the demo fleet on this machine just work."""
-    path = pathlib.Path(state_dir) / "auth_secret"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32))
-    return path
 
 
 async def up(settings: Settings, demo: int = 0, demo_stall_fraction: float = 0.15) -> int:
@@ -146,36 +164,38 @@ async def up(settings: Settings, demo: int = 0, demo_stall_fraction: float = 0.1
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     procs = read_procfile()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = lifecycle.stop_signal()
+    console = Console()
 
     embedded_redis = settings.redis_url is None
     embedded_kafka = settings.kafka_bootstrap is None
     broker = "external"
-    changes: dict[str, str] = {}
+    changes: dict[str, object] = {}
     if embedded_redis:
-        changes["redis_url"] = f"redis://127.0.0.1:{embedded.free_port()}"
+        changes["redis_url"] = f"redis://127.0.0.1:{services.free_port()}"
     if embedded_kafka:
-        changes["kafka_bootstrap"] = f"127.0.0.1:{embedded.free_port()}"
-        broker = embedded.broker_kind()
+        changes["kafka_bootstrap"] = f"127.0.0.1:{services.free_port()}"
+        broker = services.broker_kind()
         if broker == "tansu":
-            print(f"hbreg: using the Tansu broker instead of Apache Kafka: {embedded.why_not_kafka()}", flush=True)
+            console.say(f"hbreg: using the Tansu broker instead of Apache Kafka: {services.why_not_kafka()}")
     if settings.auth and settings.auth_secret is None and settings.auth_secret_file is None:
-        changes["auth_secret_file"] = ensure_secret(settings.state_dir)
-    settings = dataclasses.replace(settings, **changes)
+        changes["auth_secret_file"] = state.ensure_secret(settings.state_dir)
+    settings = dataclasses.replace(settings, **changes)  # type: ignore[arg-type]
+    redis_url, kafka_bootstrap = settings.redis_url, settings.kafka_bootstrap
+    assert redis_url is not None and kafka_bootstrap is not None
     env = {**os.environ, **settings.child_env(), "HBREG_RUN_DIR": str(run_dir), "PYTHONUNBUFFERED": "1"}
-    sup = Supervisor(settings, env)
+    sup = Supervisor(settings, env, console)
     started = time.monotonic()
     code = 0
-    try:
+    stopper = asyncio.create_task(stop.wait())
+
+    async def start_all() -> None:
         if embedded_redis:
             child = await sup.start("valkey", _argv(procs["valkey"]))
-            await sup.wait_ready(child, settings.redis_url.rpartition("/")[2], "valkey")
+            await sup.wait_ready(child, redis_url.rpartition("/")[2], "valkey")
         if embedded_kafka:
             child = await sup.start("kafka", _argv(procs["kafka"]))
-            await sup.wait_ready(child, settings.kafka_bootstrap, broker)
+            await sup.wait_ready(child, kafka_bootstrap, broker)
         ready = {
             "ingest": settings.grpc_addr,
             "bridge": settings.bridge_metrics_addr,
@@ -187,11 +207,20 @@ async def up(settings: Settings, demo: int = 0, demo_stall_fraction: float = 0.1
             child = await sup.start(name, _argv(procs[name]))
             waits.append(sup.wait_ready(child, addr, name))
         await asyncio.gather(*waits)
+
+    try:
+        starting = asyncio.create_task(start_all())
+        await asyncio.wait({starting, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # stopped during start-up
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            return 130
+        starting.result()  # raises what start-up raised
         state.write(
             settings.state_dir,
             {
                 "pid": os.getpid(),
-                "started_at_ms": int(time.time() * 1000),
+                "started_at_ms": now_ms(),
                 "broker": broker,
                 "redis_url": settings.redis_url,
                 "kafka_bootstrap": settings.kafka_bootstrap,
@@ -212,30 +241,40 @@ async def up(settings: Settings, demo: int = 0, demo_stall_fraction: float = 0.1
             f"  state     {state.path(settings.state_dir)}",
             "  events    hbreg events --follow --json",
         ]
-        print("\n".join(lines), flush=True)
+        console.say("\n".join(lines))
         if demo:
             await sup.start(
                 "demo",
-                _argv(["hbreg", "simulate", "--agents", str(demo), "--interval", "1",
-                       "--stall-fraction", str(demo_stall_fraction)]),
+                _argv(
+                    [
+                        "hbreg",
+                        "simulate",
+                        "--agents",
+                        str(demo),
+                        "--interval",
+                        "1",
+                        "--stall-fraction",
+                        str(demo_stall_fraction),
+                    ]
+                ),
             )
         waiters = {asyncio.create_task(c.proc.wait()): c for c in sup.children}
-        stopper = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({stopper, *waiters}, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             if task in waiters and not stop.is_set():
                 crashed = waiters[task]
-                print(f"hbreg: {crashed.name} exited with code {crashed.proc.returncode}; stopping", flush=True)
+                console.say(f"hbreg: {crashed.name} exited with code {crashed.proc.returncode}; stopping")
                 code = 1
-        stopper.cancel()
         for task in waiters:
             task.cancel()
     except ServiceError as exc:
-        print(f"hbreg: {exc}", flush=True)
+        console.say(f"hbreg: {exc}")
         code = 1
     finally:
-        print("hbreg: stopping", flush=True)
+        stopper.cancel()
+        # nothing below may depend on stdout (see Console)
+        console.say("hbreg: stopping")
         await sup.stop_all()
         state.remove(settings.state_dir)
-        print("hbreg: stopped", flush=True)
+        console.say("hbreg: stopped")
     return code

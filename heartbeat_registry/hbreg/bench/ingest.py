@@ -26,8 +26,8 @@ import subprocess
 import time
 from typing import Any
 
-from heartbeat_registry import embedded
-from heartbeat_registry.bench.common import embedded_valkey, hbreg_argv, latency_summary, process, workdir
+from heartbeat_registry.hbreg import services
+from heartbeat_registry.hbreg.bench.common import embedded_valkey, hbreg_argv, latency_summary, process, workdir
 
 MODES = ("beat", "batch", "stream", "fleet")
 LOAD_PROCS = 2
@@ -65,6 +65,7 @@ def _metadata(secret: str | None, agent: str, relay: bool = False) -> tuple:
 async def _load(plan: Plan) -> dict[str, Any]:
     import grpc
 
+    from heartbeat_registry.beats import heartbeat
     from heartbeat_registry.pb import hb, hb_grpc
 
     accepted = refused = 0
@@ -80,8 +81,7 @@ async def _load(plan: Plan) -> dict[str, Any]:
     per_request = SHAPE[plan.mode][1]
 
     def beat(agent: str, seq: int) -> hb.Heartbeat:
-        return hb.Heartbeat(agent_id=agent, task_id=f"{agent}-task", status=hb.RUNNING,
-                            timestamp=time.time_ns() // 1_000_000, cpu_util=0.5, seq=seq)
+        return heartbeat(agent, f"{agent}-task", hb.RUNNING, 0.5, seq=seq)
 
     def record(sent: float, now: float, count: int) -> None:
         nonlocal accepted
@@ -191,9 +191,12 @@ def run_mode(mode: str, addr: str, secret: str | None, duration: float, ingest_p
         results = [f.result() for f in futures]
     latencies = [x for r in results for x in r["latencies"]]
     accepted = sum(r["accepted"] for r in results)
-    out = {"hb_per_s": round(accepted / duration, 1), **latency_summary(latencies),
-           "refused": sum(r["refused"] for r in results)}
-    codes = sum((r["codes"] for r in results), collections.Counter())
+    out = {
+        "hb_per_s": round(accepted / duration, 1),
+        **latency_summary(latencies),
+        "refused": sum(r["refused"] for r in results),
+    }
+    codes: collections.Counter[str] = sum((r["codes"] for r in results), collections.Counter())
     if codes:
         out["errors"] = dict(codes)
     if mode == "batch":
@@ -212,10 +215,39 @@ def xadd_ceiling(redis_url: str, requests: int = 2_000_000) -> float | None:
     key = f"hbreg-bench-xadd-{secrets.token_hex(4)}"
     # one heartbeat per entry, with a heartbeat's fields: what a per-heartbeat XADD design could reach
     out = subprocess.run(
-        [binary, "-h", host or "127.0.0.1", "-p", port or "6379", "-n", str(requests), "-P", "16", "-q",
-         "XADD", key, "MAXLEN", "~", "100000", "*", "agent_id", "agent-00042", "task_id", "agent-00042-task-7",
-         "status", "2", "timestamp", "1795622000000", "cpu_util", "0.5", "received_ms", "1795622000001"],
-        capture_output=True, text=True, timeout=300,
+        [
+            binary,
+            "-h",
+            host or "127.0.0.1",
+            "-p",
+            port or "6379",
+            "-n",
+            str(requests),
+            "-P",
+            "16",
+            "-q",
+            "XADD",
+            key,
+            "MAXLEN",
+            "~",
+            "100000",
+            "*",
+            "agent_id",
+            "agent-00042",
+            "task_id",
+            "agent-00042-task-7",
+            "status",
+            "2",
+            "timestamp",
+            "1795622000000",
+            "cpu_util",
+            "0.5",
+            "received_ms",
+            "1795622000001",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     ).stdout
     import redis
 
@@ -234,15 +266,22 @@ def run(modes: list[str], duration: float, redis_url: str | None, grpc_addr: str
             secret = os.environ.get("HBREG_AUTH_SECRET")
             ingest_pid = None
             if grpc_addr is None:
-                grpc_addr = f"127.0.0.1:{embedded.free_port()}"
+                grpc_addr = f"127.0.0.1:{services.free_port()}"
                 secret = secrets.token_urlsafe(32)
-                env = {**os.environ, "HBREG_REDIS_URL": redis_url, "HBREG_GRPC_ADDR": grpc_addr,
-                       "HBREG_AUTH_SECRET": secret, "HBREG_KEY_PREFIX": "bench",
-                       # the stream mode beats each agent as fast as replies come
-                       "HBREG_RATE_LIMIT": "100000", "HBREG_RATE_BURST": "100000",
-                       "HBREG_INGEST_METRICS_ADDR": f"127.0.0.1:{embedded.free_port()}", "HBREG_LOG_LEVEL": "WARNING"}
+                env = {
+                    **os.environ,
+                    "HBREG_REDIS_URL": redis_url,
+                    "HBREG_GRPC_ADDR": grpc_addr,
+                    "HBREG_AUTH_SECRET": secret,
+                    "HBREG_KEY_PREFIX": "bench",
+                    # the stream mode beats each agent as fast as replies come
+                    "HBREG_RATE_LIMIT": "100000",
+                    "HBREG_RATE_BURST": "100000",
+                    "HBREG_INGEST_METRICS_ADDR": f"127.0.0.1:{services.free_port()}",
+                    "HBREG_LOG_LEVEL": "WARNING",
+                }
                 proc = stack.enter_context(process(hbreg_argv("ingest"), env, tmp / "ingest.log"))
-                embedded.wait_port("127.0.0.1", int(grpc_addr.rpartition(":")[2]), 30, "ingest")
+                services.wait_port("127.0.0.1", int(grpc_addr.rpartition(":")[2]), 30, "ingest")
                 ingest_pid = proc.pid
             for mode in modes:
                 results[mode] = run_mode(mode, grpc_addr, secret, duration, ingest_pid)

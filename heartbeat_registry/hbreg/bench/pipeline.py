@@ -22,11 +22,21 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-from heartbeat_registry import embedded
-from heartbeat_registry.bench.common import base_settings, isolated, latency_summary, service, wait_worker, workdir
-from heartbeat_registry.names import Names, partition_of
+from heartbeat_registry.beats import heartbeat, now_ms
+from heartbeat_registry.core.names import Names, partition_of
+from heartbeat_registry.core.settings import Settings
+from heartbeat_registry.core.topics import ensure_topics, pipeline_topics
+from heartbeat_registry.hbreg import services
+from heartbeat_registry.hbreg.bench.common import (
+    base_settings,
+    isolated,
+    latency_summary,
+    metric,
+    service,
+    wait_worker,
+    workdir,
+)
 from heartbeat_registry.pb import hb
-from heartbeat_registry.settings import Settings
 
 AGENTS = 20_000
 INTERVAL_MS = 2000
@@ -40,7 +50,7 @@ def _synthetic(total: int, partitions: int) -> Iterator[tuple[int, hb.HeartbeatC
     part = [partition_of(a, partitions) for a in agents]
     per_ms = AGENTS / INTERVAL_MS
     span = int(total / per_ms)
-    start = int(time.time() * 1000) - span - 5000
+    start = now_ms() - span - 5000
     buffers: dict[int, hb.HeartbeatColumns] = {}
     sent = 0
     t = 0
@@ -77,19 +87,23 @@ async def bridge_rate(settings: Settings, total: int, log_dir: Any) -> float:
     import redis.asyncio as aioredis
 
     names = Names.of(settings)
+    assert settings.redis_url is not None
     client = aioredis.Redis.from_url(settings.redis_url)
     pipe = client.pipeline(transaction=False)
     for _, cols in _synthetic(total, settings.stream_shards):
         if not cols.agent_id:
             continue
         shard = partition_of(cols.agent_id[0], settings.stream_shards)
-        pipe.xadd(names.stream(shard), {"b": cols.SerializeToString(), "n": len(cols.agent_id), "r": cols.received_ms[-1]})
+        pipe.xadd(
+            names.stream(shard), {"b": cols.SerializeToString(), "n": len(cols.agent_id), "r": cols.received_ms[-1]}
+        )
         if len(pipe) >= 200:
             await pipe.execute()
     await pipe.execute()
     entries = sum([await client.xlen(s) for s in names.streams()])
     with service(settings, "bridge", log_dir):
-        first = None
+        first = time.monotonic()  # until the bridge took its first entry
+        started = False
         while True:
             await asyncio.sleep(0.05)
             left = 0
@@ -97,8 +111,8 @@ async def bridge_rate(settings: Settings, total: int, log_dir: Any) -> float:
                 groups = await client.xinfo_groups(stream)
                 group = next((g for g in groups if g["name"].decode() == names.bridge_group), None)
                 left += (group["lag"] or 0) + group["pending"] if group else await client.xlen(stream)
-            if first is None and left < entries:
-                first = time.monotonic()
+            if not started and left < entries:
+                first, started = time.monotonic(), True
             if left == 0:
                 break
     await client.aclose()
@@ -108,16 +122,21 @@ async def bridge_rate(settings: Settings, total: int, log_dir: Any) -> float:
 async def _produce_backlog(settings: Settings, total: int) -> None:
     from aiokafka import AIOKafkaProducer
 
-    from processors.topics import ensure_topics
-
     names = Names.of(settings)
-    await ensure_topics(settings.kafka_bootstrap, names, settings.topic_partitions)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=10,
-                                max_request_size=4 * 1024 * 1024, max_batch_size=1024 * 1024)
+    assert settings.kafka_bootstrap is not None
+    await ensure_topics(settings.kafka_bootstrap, pipeline_topics(names, settings.topic_partitions))
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        linger_ms=10,
+        max_request_size=4 * 1024 * 1024,
+        max_batch_size=1024 * 1024,
+    )
     await producer.start()
     try:
-        sends = [await producer.send(names.heartbeats_topic, cols.SerializeToString(), partition=p)
-                 for p, cols in _synthetic(total, settings.topic_partitions)]
+        sends = [
+            await producer.send(names.heartbeats_topic, cols.SerializeToString(), partition=p)
+            for p, cols in _synthetic(total, settings.topic_partitions)
+        ]
         await asyncio.gather(*sends)
     finally:
         await producer.stop()
@@ -127,50 +146,41 @@ async def _committed_all(settings: Settings) -> bool:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     names = Names.of(settings)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=names.processors_app_id,
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, group_id=names.processors_app_id, enable_auto_commit=False
+    )
     await consumer.start()
     try:
         tps = [TopicPartition(names.heartbeats_topic, p) for p in range(settings.topic_partitions)]
         ends = await consumer.end_offsets(tps)
         for tp in tps:
             committed = await consumer.committed(tp)
-            if (committed or 0) < ends[tp] - 150:  # the last ticks may stay held
+            if (committed or 0) < ends[tp]:
                 return False
         return True
     finally:
         await consumer.stop()
 
 
-def _counter(addr: str, name: str) -> float:
-    try:
-        with urllib.request.urlopen(f"http://{addr}/metrics", timeout=2) as response:
-            for line in response.read().decode().splitlines():
-                if line.startswith(name + " "):
-                    return float(line.split()[1])
-    except OSError:
-        pass
-    return 0.0
-
-
 async def worker_rate(settings: Settings, total: int, workers: int, log_dir: Any) -> float:
     await _produce_backlog(settings, total)
     with contextlib.ExitStack() as stack:
         addrs, procs = [], []
-        for n in range(workers):
-            own = dataclasses.replace(settings, worker_web_addr=f"127.0.0.1:{embedded.free_port()}")
+        for _ in range(workers):
+            own = dataclasses.replace(settings, worker_web_addr=f"127.0.0.1:{services.free_port()}")
             addrs.append(own.worker_web_addr)
             procs.append(stack.enter_context(service(own, "worker", log_dir)))
-        first = None
+        first = time.monotonic()  # until the first heartbeat was folded in
+        started = False
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             await asyncio.sleep(0.2)
             if any(proc.poll() is not None for proc in procs):
                 codes = [proc.poll() for proc in procs]
                 raise RuntimeError(f"a worker exited during the benchmark: exit codes {codes}, logs in {log_dir}")
-            seen = sum(_counter(a, "hbreg_worker_heartbeats_total") for a in addrs)
-            if first is None and seen > 0:
-                first = time.monotonic()
+            seen = sum(metric(a, "hbreg_worker_heartbeats_total") for a in addrs)
+            if not started and seen > 0:
+                first, started = time.monotonic(), True
             if seen >= total and await _committed_all(settings):
                 return total / (time.monotonic() - first)
     raise TimeoutError("the workers did not finish the backlog within 10 minutes")
@@ -186,10 +196,12 @@ async def live(settings: Settings, seconds: float, log_dir: Any, interval_s: flo
     from heartbeat_registry.pb import hb_grpc
 
     with contextlib.ExitStack() as stack:
-        running = {c: stack.enter_context(service(settings, c, log_dir)) for c in ("ingest", "bridge", "worker", "query")}
+        running = {
+            c: stack.enter_context(service(settings, c, log_dir)) for c in ("ingest", "bridge", "worker", "query")
+        }
         for addr in (settings.grpc_addr, settings.http_addr):
             host, _, port = addr.rpartition(":")
-            embedded.wait_port(host, int(port), 60, addr)
+            services.wait_port(host, int(port), 60, addr)
         await asyncio.to_thread(wait_worker, settings.worker_web_addr)
         agents = [f"live-{i:05d}" for i in range(AGENTS)]
         slots = [agents[k::20] for k in range(20)]  # slot k beats at k * 100 ms of every 2 s
@@ -203,11 +215,10 @@ async def live(settings: Settings, seconds: float, log_dir: Any, interval_s: flo
                 k = 0
                 next_at = time.monotonic()
                 while not stop.is_set():
-                    now_ms = int(time.time() * 1000)
-                    batch = hb.BeatBatchRequest(heartbeats=[
-                        hb.Heartbeat(agent_id=a, task_id="t", status=hb.RUNNING, timestamp=now_ms, cpu_util=0.4)
-                        for a in slots[k % 20]
-                    ])
+                    stamp = now_ms()
+                    batch = hb.BeatBatchRequest(
+                        heartbeats=[heartbeat(a, "t", hb.RUNNING, 0.4, timestamp=stamp) for a in slots[k % 20]]
+                    )
                     await stub.BeatBatch(batch)
                     k += 1
                     next_at += interval_s / 20
@@ -215,8 +226,7 @@ async def live(settings: Settings, seconds: float, log_dir: Any, interval_s: flo
 
             async def probe_agent(agent: str) -> None:
                 while not stop.is_set():
-                    reply = await stub.Beat(hb.Heartbeat(agent_id=agent, task_id="t", status=hb.RUNNING,
-                                                        timestamp=int(time.time() * 1000), cpu_util=0.5))
+                    reply = await stub.Beat(heartbeat(agent, "t", hb.RUNNING, 0.5))
                     acked = time.monotonic()
                     start = reply.received_ms - reply.received_ms % int(settings.window_size * 1000)
                     url = f"http://{settings.http_addr}/api/windows?agent={agent}&from={start}&to={start}"
@@ -246,8 +256,12 @@ async def live(settings: Settings, seconds: float, log_dir: Any, interval_s: flo
         if not probe:
             return {f"worker_live_{rate}_cpu_pct": round(cpu, 1)}
         summary = latency_summary(latencies)
-        return {"hb_to_table_p50_ms": summary["p50_ms"], "hb_to_table_p99_ms": summary["p99_ms"],
-                "hb_to_table_samples": len(latencies), f"worker_live_{rate}_cpu_pct": round(cpu, 1)}
+        return {
+            "hb_to_table_p50_ms": summary["p50_ms"],
+            "hb_to_table_p99_ms": summary["p99_ms"],
+            "hb_to_table_samples": len(latencies),
+            f"worker_live_{rate}_cpu_pct": round(cpu, 1),
+        }
 
 
 def _get_json(url: str) -> dict:

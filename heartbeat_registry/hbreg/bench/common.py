@@ -7,9 +7,9 @@ import dataclasses
 import json
 import os
 import pathlib
+import secrets
 import shutil
 import subprocess
-import secrets
 import sys
 import tempfile
 import time
@@ -17,8 +17,8 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from heartbeat_registry import embedded
-from heartbeat_registry.settings import Settings
+from heartbeat_registry.core.settings import Settings
+from heartbeat_registry.hbreg import services
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -64,19 +64,24 @@ def process(argv: list[str], env: dict[str, str], log: pathlib.Path) -> Iterator
 
 @contextlib.contextmanager
 def embedded_valkey(directory: pathlib.Path) -> Iterator[str]:
-    port = embedded.free_port()
-    with process(embedded.valkey_command(port, directory / "valkey", durable=False), dict(os.environ),
-                 directory / "valkey.log"):
-        embedded.wait_port("127.0.0.1", port, 15, "valkey")
+    port = services.free_port()
+    with process(
+        services.valkey_command(port, directory / "valkey", durable=False), dict(os.environ), directory / "valkey.log"
+    ):
+        services.wait_port("127.0.0.1", port, 15, "valkey")
         yield f"redis://127.0.0.1:{port}"
 
 
 @contextlib.contextmanager
 def embedded_kafka(directory: pathlib.Path) -> Iterator[str]:
-    port = embedded.free_port()
-    cmd = embedded.kafka_command(port, directory / "kafka") if embedded.kafka_available() else embedded.tansu_command(port)
+    port = services.free_port()
+    cmd = (
+        services.kafka_command(port, directory / "kafka")
+        if services.kafka_available()
+        else services.tansu_command(port)
+    )
     with process(cmd, dict(os.environ), directory / "kafka.log"):
-        embedded.wait_port("127.0.0.1", port, 60, "kafka")
+        services.wait_port("127.0.0.1", port, 60, "kafka")
         yield f"127.0.0.1:{port}"
 
 
@@ -99,10 +104,19 @@ def isolated(base: Settings, tag: str, **changes: Any) -> Settings:
     """`base` with its own key and topic prefix and free ports, so runs never see each other's data."""
     prefix = f"bench{tag}{secrets.token_hex(3)}"
     return dataclasses.replace(
-        base, key_prefix=prefix, topic_prefix=prefix + "-", auth=False, log_level="WARNING",
-        grpc_addr=f"127.0.0.1:{embedded.free_port()}", http_addr=f"127.0.0.1:{embedded.free_port()}",
-        ingest_metrics_addr=f"127.0.0.1:{embedded.free_port()}", bridge_metrics_addr=f"127.0.0.1:{embedded.free_port()}",
-        worker_web_addr=f"127.0.0.1:{embedded.free_port()}", rate_limit=1000.0, rate_burst=1000.0, **changes,
+        base,
+        key_prefix=prefix,
+        topic_prefix=prefix + "-",
+        auth=False,
+        log_level="WARNING",
+        grpc_addr=f"127.0.0.1:{services.free_port()}",
+        http_addr=f"127.0.0.1:{services.free_port()}",
+        ingest_metrics_addr=f"127.0.0.1:{services.free_port()}",
+        bridge_metrics_addr=f"127.0.0.1:{services.free_port()}",
+        worker_web_addr=f"127.0.0.1:{services.free_port()}",
+        rate_limit=1000.0,
+        rate_burst=1000.0,
+        **changes,
     )
 
 
@@ -129,3 +143,15 @@ def service(settings: Settings, command: str, log_dir: pathlib.Path) -> Iterator
     env = {**os.environ, **settings.child_env()}
     with process(hbreg_argv(command), env, log_dir / f"{command}-{settings.key_prefix}.log") as proc:
         yield proc
+
+
+def metric(addr: str, name: str) -> float:
+    """The value of an unlabelled sample `name` on the `/metrics` page at `addr` (0 when absent)."""
+    try:
+        with urllib.request.urlopen(f"http://{addr}/metrics", timeout=2) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return 0.0

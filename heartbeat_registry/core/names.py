@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from heartbeat_registry.settings import Settings
+from heartbeat_registry.core.settings import Settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Names:
         return f"{self.key_prefix}:{{s{shard}}}:stream"
 
     def latest(self, shard: int) -> str:
-        """Hash agent_id -> latest heartbeat of that agent (see ingest.registry for the value)."""
+        """Hash agent_id -> latest heartbeat of that agent (value: core.views.RegistryEntry)."""
         return f"{self.key_prefix}:{{s{shard}}}:latest"
 
     def fenced(self, shard: int) -> str:
@@ -39,20 +39,20 @@ class Names:
 
     # the query store: what the processors publish for the query API
     def query_agents(self, partition: int) -> str:
-        """Hash agent_id -> liveness view of the agent (JSON), one per partition."""
+        """Hash agent_id -> the worker's liveness view of the agent (core.views.AgentView), one per partition."""
         return f"{self.key_prefix}:q:agents:{partition}"
 
     def query_open(self, partition: int, window_start: int) -> str:
-        """Hash agent_id -> the agent's window so far (JSON) while it is open, one per partition and window."""
+        """Hash agent_id -> the agent's window so far while it is open (core.views.WindowRow.encode_open)."""
         return f"{self.key_prefix}:q:open:{partition}:{window_start}"
 
     def query_windows(self, partition: int, window_start: int) -> str:
-        """Hash agent_id -> the agent's closed window (JSON) starting then, one per partition and window."""
+        """Hash agent_id -> the agent's closed window starting then (core.views.WindowRow)."""
         return f"{self.key_prefix}:q:win:{partition}:{window_start}"
 
     @property
     def query_clock(self) -> str:
-        """Hash partition -> watermark (pipeline time) of that partition's last publish."""
+        """Hash partition -> that partition's clock at its last publish (core.views.PartitionClock)."""
         return f"{self.key_prefix}:q:clock"
 
     @property

@@ -1,0 +1,47 @@
+"""What `hbreg` prints for people: the tables of agents, windows and benchmark results (with `--json`
+the commands print the API's objects instead, one per line)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from heartbeat_registry.beats import now_ms
+
+
+def agents(rows: Iterable[Mapping[str, Any]]) -> str:
+    lines = [f"{'AGENT':<24} {'STATE':<10} {'STATUS':<10} {'TASK':<28} {'CPU':>5} {'PHI':>7} {'SILENT':>8}"]
+    now = now_ms()
+    for a in rows:
+        silent = f"{(now - a['last_seen_ms']) / 1000:.1f}s" if a["last_seen_ms"] else "-"
+        lines.append(
+            f"{a['agent_id']:<24} {a['state']:<10} {a['status']:<10} {a['task_id'] or '-':<28} "
+            f"{a['cpu_util']:>5.2f} {a['phi']:>7.2f} {silent:>8}"
+        )
+    return "\n".join(lines)
+
+
+def windows(rows: Iterable[Mapping[str, Any]]) -> str:
+    lines = [
+        f"{'WINDOW START':<20} {'BEATS':>5} {'GAP ms':>7} {'CPU mean':>8} {'min':>5} {'max':>5} {'p95':>5} "
+        f"{'slope/min':>9} {'STATE':<10}"
+    ]
+    for r in rows:
+        start = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["window_start_ms"] / 1000))
+        lines.append(
+            f"{start:<20} {r['beats']:>5} {r['longest_gap_ms']:>7} {r['cpu_mean']:>8.3f} {r['cpu_min']:>5.2f} "
+            f"{r['cpu_max']:>5.2f} {r['cpu_p95']:>5.2f} {r['cpu_slope_per_min']:>9.3f} {(r['state'] or 'open'):<10}"
+        )
+    return "\n".join(lines)
+
+
+def bench(results: Mapping[str, Any]) -> str:
+    lines = []
+    for name, value in results.items():
+        if isinstance(value, dict) and name != "machine":
+            figures = "  ".join(f"{k}={v}" for k, v in value.items())
+            lines.append(f"{name:<10} {figures}")
+        else:
+            lines.append(f"{name:<10} {value}")
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""Reading what the workers publish (core.views) and the ingest's registry from Redis, across all
+partitions: the agents' current state and their window rows, tumbling or merged into hopping windows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from heartbeat_registry.beats import now_ms
+from heartbeat_registry.core.names import Names, partition_of
+from heartbeat_registry.core.settings import Settings
+from heartbeat_registry.core.shapes import agent_json, window_json
+from heartbeat_registry.core.views import AgentView, PartitionClock, RegistryEntry, WindowRow
+from heartbeat_registry.core.windowstats import WindowStats
+
+
+class Query:
+    def __init__(self, settings: Settings, client: aioredis.Redis) -> None:
+        self.settings = settings
+        self.names = Names.of(settings)
+        self.redis = client
+        self.window_ms = int(settings.window_size * 1000)
+        self.timeout_ms = int(settings.stall_timeout * 1000)
+
+    async def _clocks(self) -> dict[int, int]:
+        raw = await self.redis.hgetall(self.names.query_clock)
+        return {int(k): PartitionClock.decode(v).watermark for k, v in raw.items()}
+
+    def _agent(
+        self, agent_id: str, view: AgentView | None, latest: RegistryEntry | None, clocks: dict[int, int]
+    ) -> dict[str, Any]:
+        # judged on its partition's clock, as the detector does; the wall clock before any publish
+        clock = clocks.get(partition_of(agent_id, self.settings.topic_partitions), now_ms())
+        return agent_json(agent_id, view, latest, clock, self.timeout_ms, self.settings.phi_suspect)
+
+    async def agents(self, state: str | None = None) -> list[dict[str, Any]]:
+        partitions = self.settings.topic_partitions
+        pipe = self.redis.pipeline(transaction=False)
+        for partition in range(partitions):
+            pipe.hgetall(self.names.query_agents(partition))
+        for shard in range(self.names.shards):
+            pipe.hgetall(self.names.latest(shard))
+        replies = await pipe.execute()
+        views = {k.decode(): AgentView.decode(v) for reply in replies[:partitions] for k, v in reply.items()}
+        latest = {
+            k.decode(): RegistryEntry.decode(k.decode(), v) for reply in replies[partitions:] for k, v in reply.items()
+        }
+        clocks = await self._clocks()
+        out = [self._agent(a, views.get(a), latest.get(a), clocks) for a in sorted(views.keys() | latest.keys())]
+        return [a for a in out if state is None or a["state"] == state]
+
+    async def agent(self, agent_id: str) -> dict[str, Any] | None:
+        view = await self.redis.hget(
+            self.names.query_agents(partition_of(agent_id, self.settings.topic_partitions)), agent_id
+        )
+        raw = await self.redis.hget(self.names.latest(partition_of(agent_id, self.names.shards)), agent_id)
+        if view is None and raw is None:
+            return None
+        return self._agent(
+            agent_id,
+            AgentView.decode(view) if view is not None else None,
+            RegistryEntry.decode(agent_id, raw) if raw is not None else None,
+            await self._clocks(),
+        )
+
+    async def _tumbling(self, agent_id: str, start: int, end: int) -> list[tuple[WindowRow, bool]]:
+        """(row, final) of the tumbling windows from the one holding `start` to the one holding `end`."""
+        partition = partition_of(agent_id, self.settings.topic_partitions)
+        first = start - start % self.window_ms
+        starts = range(first, end + 1, self.window_ms)
+        pipe = self.redis.pipeline(transaction=False)
+        for window_start in starts:
+            pipe.hget(self.names.query_windows(partition, window_start), agent_id)
+            pipe.hget(self.names.query_open(partition, window_start), agent_id)
+        replies = await pipe.execute()
+        rows = []
+        for window_start, closed, opened in zip(starts, replies[::2], replies[1::2], strict=True):
+            if closed is not None:
+                rows.append((WindowRow.decode(closed), True))
+            elif opened is not None:
+                rows.append((WindowRow.decode_open(opened, window_start, window_start + self.window_ms), False))
+        return rows
+
+    async def windows(self, agent_id: str, start: int, end: int, size_ms: int) -> list[dict[str, Any]]:
+        if size_ms == self.window_ms:
+            return [window_json(agent_id, row, final) for row, final in await self._tumbling(agent_id, start, end)]
+        # hopping: every tumbling end within [start, end] closes a window of `size_ms` merged from them
+        tumbling = await self._tumbling(agent_id, start - size_ms, end)
+        out = []
+        for last, final in tumbling:
+            if last.end < start:
+                continue
+            merged = WindowStats()
+            hop_start = last.end - size_ms
+            for row, _ in tumbling:
+                if hop_start <= row.start and row.end <= last.end:
+                    merged.merge(row.stats, (row.start - hop_start) / 60_000)
+            out.append(window_json(agent_id, WindowRow(hop_start, last.end, last.state, merged), final))
+        return [r for r in out if start <= r["window_end_ms"] and r["window_start_ms"] <= end]
