@@ -3,8 +3,8 @@
 `ts=... level=... proc=... logger=... msg="..." key=value ...`: extra fields given with `extra={...}`
 become keys, so logs can be filtered by agent, shard or error without parsing prose.
 
-Kafka clients log a few conditions at ERROR that are routine while a broker or consumer group is
-starting (a partition leader or group coordinator not elected yet, a metadata refresh racing a new
+Kafka clients log a few conditions at ERROR or WARNING that are routine while a broker or consumer group
+is starting (a partition leader or group coordinator not elected yet, a metadata refresh racing a new
 topic). They are retried by the client and resolve within seconds, so they are shown at INFO; the same
 errors persisting surface through the processes' health and lag instead.
 """
@@ -54,10 +54,10 @@ class LogfmtFormatter(logging.Formatter):
 
 
 class TransientKafkaErrors(logging.Filter):
-    """Shows the routine start-up retries of Kafka clients at INFO instead of ERROR (see the module)."""
+    """Shows the routine start-up retries of Kafka clients at INFO (see the module)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and record.name.startswith("aiokafka"):
+        if record.levelno >= logging.WARNING and record.name.startswith("aiokafka"):
             text = record.getMessage()
             if record.exc_info and record.exc_info[1] is not None:
                 text += type(record.exc_info[1]).__name__

@@ -66,7 +66,7 @@ async def partition_count(bootstrap: str, topic: str) -> int:
 
 async def _create_and_check(bootstrap: str, topics: Sequence[NewTopic]) -> bool:
     """Create what is missing; True once the broker's metadata lists every topic with all its partitions
-    (what a starting consumer sees)."""
+    and their leaders (what a starting consumer or producer sees)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
     try:
         await admin.start()
@@ -76,7 +76,10 @@ async def _create_and_check(bootstrap: str, topics: Sequence[NewTopic]) -> bool:
             with contextlib.suppress(TopicAlreadyExistsError):  # another process made it meanwhile
                 await admin.create_topics(missing)
             log.info("created topics", extra={"topics": ",".join(t.name for t in missing)})
-        found = {d["topic"]: len(d["partitions"]) for d in await admin.describe_topics([t.name for t in topics])}
+        described = await admin.describe_topics([t.name for t in topics])
+        found = {d["topic"]: len(d["partitions"]) for d in described}
+        # a partition without a leader yet refuses produce requests for a moment: wait for all of them
+        led = {d["topic"] for d in described if all(p["leader"] >= 0 for p in d["partitions"])}
     finally:
         await admin.close()
     for topic in topics:
@@ -86,4 +89,4 @@ async def _create_and_check(bootstrap: str, topics: Sequence[NewTopic]) -> bool:
                 f"Kafka topic {topic.name} has {count} partitions but {topic.num_partitions} are configured "
                 f"(HBREG_TOPIC_PARTITIONS); use a new HBREG_TOPIC_PREFIX or recreate the topic"
             )
-    return all(found.get(t.name) for t in topics)
+    return all(found.get(t.name) and t.name in led for t in topics)
