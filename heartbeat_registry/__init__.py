@@ -7,12 +7,13 @@ Importing this package needs only grpcio, protobuf and psutil. The operators' to
 (`ingest`, `processors`, `sinks`) need the `[server]` extra and are never imported from here.
 """
 
-from heartbeat_registry.client import AsyncHeartbeatClient, HeartbeatClient, TaskContext, TlsConfig
+from heartbeat_registry.client import Assignment, AsyncHeartbeatClient, HeartbeatClient, TaskContext, TlsConfig
 from heartbeat_registry.errors import HeartbeatRegistryError, HeartbeatRejected, TaskAbandoned
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Assignment",
     "AsyncHeartbeatClient",
     "HeartbeatClient",
     "HeartbeatRegistryError",

@@ -12,6 +12,10 @@ endpoints. A heartbeat is a snapshot of the current state, so nothing queues up 
 stays constant and the first beat after a reconnect says where the agent is now. The caller is never
 blocked: `report()` only records.
 
+An ASSIGN directive (the Role Assignment service handed this agent a task) reaches the program once per
+(task, epoch): through `on_assign`, and `AsyncHeartbeatClient.assignments()`, an async iterator. Taking it
+is working on it: `client.task(assignment.task_id)` beats RUNNING on it, which makes the agent its owner.
+
 An ABANDON directive (the task was reassigned to someone else) calls `on_abandon` and cancels the
 task's context: the asyncio task inside `client.task()` is cancelled and `TaskAbandoned` raised there, or,
 in the threaded client, the context's `cancelled` event is set.
@@ -99,6 +103,15 @@ def _cpu_allotment() -> float:
         return float(os.cpu_count() or 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class Assignment:
+    """A task handed to this agent: work on it with `client.task(task_id)` to become its owner."""
+
+    task_id: str
+    epoch: int  # its fencing epoch
+    reason: str = ""
+
+
 @dataclasses.dataclass
 class TaskContext:
     """What `client.task()` hands the program: `cancelled` is set once the task is abandoned (then
@@ -135,6 +148,7 @@ class AsyncHeartbeatClient:
         sample_cpu: bool = True,
         on_abandon: Callable[[hb.Directive], None] | None = None,
         on_error: Callable[[HeartbeatRejected], None] | None = None,
+        on_assign: Callable[[Assignment], None] | None = None,
         backoff_initial: float = 0.2,
         backoff_max: float = 10.0,
         rpc_timeout: float = 5.0,
@@ -153,6 +167,9 @@ class AsyncHeartbeatClient:
         self.tls = tls
         self.on_abandon = on_abandon
         self.on_error = on_error
+        self.on_assign = on_assign
+        self._offered: set[tuple[str, int]] = set()
+        self._assignments: asyncio.Queue[Assignment] = asyncio.Queue()
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.rpc_timeout = rpc_timeout
@@ -166,6 +183,7 @@ class AsyncHeartbeatClient:
         self.last_reply_ms = 0  # server receive time of the newest acknowledged heartbeat
         self.beats_acknowledged = 0
         self.error: HeartbeatRejected | None = None  # set when the ingest refused us for good
+        self._refused_by: set[str] = set()  # endpoints that refused us for good since the last reply
         self.use_stream = True
         self._seq = 0
         self._acked_seq = 0
@@ -245,6 +263,8 @@ class AsyncHeartbeatClient:
             self._record(status=status, progress=1.0 if status == hb.COMPLETED else None)
 
     async def start(self) -> None:
+        if self.error is not None:
+            raise self.error
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._closing = False
@@ -261,12 +281,14 @@ class AsyncHeartbeatClient:
             while self.connected and self._acked_seq <= sent_at and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
         self._closing = True
-        runner, self._runner = self._runner, None
+        runner = self._runner
         # Cancel until it is done: on Python 3.11 `asyncio.wait_for` can swallow a cancellation that
-        # arrives as the awaited reply completes (bpo-42130), and the loop would then beat on.
+        # arrives as the awaited reply completes (bpo-42130), and the loop would then beat on. (Its loops
+        # also end on `_closing`, should this wait itself be cancelled.)
         while not runner.done():
             runner.cancel()
             await asyncio.wait({runner}, timeout=1.0)
+        self._runner = None
         if not runner.cancelled() and runner.exception() is not None:
             log.error("heartbeat loop of %s ended with %r", self.agent_id, runner.exception())
 
@@ -311,12 +333,42 @@ class AsyncHeartbeatClient:
     def _on_reply(self, reply: hb.BeatReply) -> None:
         self.connected = True
         self._answered = True
+        self._refused_by.clear()
         self._acked_seq = max(self._acked_seq, reply.seq)
         self.last_reply_ms = reply.received_ms
         self.beats_acknowledged += 1
         for directive in reply.directives:
             if directive.kind == hb.Directive.ABANDON:
                 self._abandon(directive)
+            elif directive.kind == hb.Directive.ASSIGN:
+                self._offer(Assignment(directive.task_id, directive.epoch, directive.reason))
+
+    def _offer(self, assignment: Assignment) -> None:
+        """A new (task, epoch) offered: to the program once (the ingest repeats it until taken up)."""
+        key = (assignment.task_id, assignment.epoch)
+        if key in self._offered:
+            return
+        if len(self._offered) > 10_000:
+            self._offered.clear()
+        self._offered.add(key)
+        self._assignments.put_nowait(assignment)
+        if self.on_assign is not None:
+            try:
+                self.on_assign(assignment)
+            except Exception:
+                log.exception("on_assign callback failed")
+
+    async def assignments(self) -> AsyncIterator[Assignment]:
+        """The tasks handed to this agent, as they come (each (task, epoch) once)."""
+        while True:
+            yield await self._assignments.get()
+
+    def next_assignment(self) -> Assignment | None:
+        """The oldest assignment not taken from `assignments()` yet, or None (never waits)."""
+        try:
+            return self._assignments.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
 
     def _abandon(self, directive: hb.Directive) -> None:
         ctx = self._tasks.get(directive.task_id)
@@ -349,9 +401,12 @@ class AsyncHeartbeatClient:
                 if exc.code() == grpc.StatusCode.UNIMPLEMENTED and self.use_stream:
                     self.use_stream = False  # an ingest (or proxy) without streams: unary Beat instead
                     continue
-                if exc.code() in FINAL_CODES:
-                    self._reject(HeartbeatRejected(exc.code().name, exc.details() or "", self.endpoint))
-                    return
+                if _final(exc):
+                    self._refused_by.add(self.endpoint)
+                    if len(self._refused_by) >= len(set(self.endpoints)):  # every endpoint says so
+                        self._reject(HeartbeatRejected(exc.code().name, exc.details() or "", self.endpoint))
+                        return
+                    self._answered = False  # try the next endpoint: this one may be misconfigured
                 pushback = _pushback_s(exc)
                 problem = f"{exc.code().name}: {exc.details()}"
             except Exception as exc:  # whatever happens, the agent keeps beating
@@ -401,6 +456,12 @@ class AsyncHeartbeatClient:
             reply = await stub.Beat(self._beat(), timeout=self.rpc_timeout, metadata=self._metadata())
             self._on_reply(reply)
             await self._pause()
+
+
+def _final(exc: grpc.aio.AioRpcError) -> bool:
+    """A refusal retrying cannot fix: credentials, identity, an invalid heartbeat. Not a clock the ingest
+    finds too far off (`timestamp:`): an agent that booted before its clock was synchronised recovers."""
+    return exc.code() in FINAL_CODES and not (exc.details() or "").startswith("timestamp:")
 
 
 def _pushback_s(exc: grpc.aio.AioRpcError) -> float:

@@ -1,8 +1,9 @@
-"""Every error this project raises on purpose, in one place, so every entry point reports them the same way.
+"""The project's public errors, in one place, so every entry point reports them the same way.
 
-Agents meet the first three: `TaskAbandoned` (their task went to someone else) and `HeartbeatRejected`
-(the ingest refused the heartbeats for a reason retrying cannot fix). Operators' tools and services meet
-`ConfigError` and `ServiceError`.
+Agents meet `TaskAbandoned` (their task went to someone else) and `HeartbeatRejected` (the ingest refused
+the heartbeats for a reason retrying cannot fix). Operators' tools and services meet `ConfigError` and
+`ServiceError`. (The services' internal refusals, such as the ingest's `Refusal` or the query API's
+`BadRequest`, become gRPC statuses or HTTP answers and never reach a caller as exceptions.)
 """
 
 from __future__ import annotations

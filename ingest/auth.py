@@ -1,7 +1,9 @@
 """Who is calling: per-agent tokens and client certificates.
 
 A token is a JWT (HS256, signed with the server secret): `sub` is the agent id, `exp` its expiry, and a
-relay token adds `agents`, the ids (or `prefix*` patterns) it may speak for. Tokens travel as gRPC
+relay token adds `agents`, the ids (or `prefix*` patterns) it may speak for. A service token has
+`role: assigner`: it may call TaskService (hand orphaned tasks to agents) and send no heartbeats, while an
+agent's token may never assign. Tokens travel as gRPC
 metadata `authorization: Bearer TOKEN`. With mutual TLS and no token, the client certificate's common
 name is the agent id. Every heartbeat's agent_id must be one the caller may speak for, so no agent can
 pose as another.
@@ -20,9 +22,9 @@ from typing import Any
 import grpc
 import jwt
 
+from heartbeat_registry.core.tokens import AGENT, ALGORITHM, ASSIGNER
 from ingest import metrics
 
-ALGORITHM = "HS256"
 _CACHE_LIMIT = 100_000
 
 
@@ -35,10 +37,14 @@ class Identity:
     agent_id: str
     relay_for: tuple[str, ...] = ()
     expires: float = float("inf")
+    role: str = "agent"  # agent | assigner | * (auth off)
     # agents already matched against relay_for (a relay names the same agents in every batch)
     _allowed: set[str] = dataclasses.field(default_factory=set, compare=False, repr=False)
 
     def allows(self, agent_id: str) -> bool:
+        """May this caller send heartbeats for `agent_id`?"""
+        if self.role == ASSIGNER:
+            return False
         if agent_id == self.agent_id or agent_id in self._allowed:
             return True
         for pattern in self.relay_for:
@@ -49,15 +55,7 @@ class Identity:
         return False
 
 
-ANYONE = Identity("*", ("*",))
-
-
-def mint(secret: bytes, agent_id: str, ttl_s: float, relay_for: tuple[str, ...] = ()) -> str:
-    now = int(time.time())
-    claims: dict[str, Any] = {"sub": agent_id, "iat": now, "exp": now + int(ttl_s)}
-    if relay_for:
-        claims["agents"] = list(relay_for)
-    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+ANYONE = Identity("*", ("*",), role="*")
 
 
 class Authenticator:
@@ -87,7 +85,10 @@ class Authenticator:
         agents = claims.get("agents") or ()
         if not isinstance(agents, (list, tuple)) or not all(isinstance(a, str) for a in agents):
             raise AuthError("invalid token: `agents` must be a list of agent ids")
-        identity = Identity(str(claims["sub"]), tuple(agents), float(claims["exp"]))
+        role = claims.get("role", AGENT)
+        if role not in (AGENT, ASSIGNER):
+            raise AuthError(f"invalid token: unknown role {role!r}")
+        identity = Identity(str(claims["sub"]), tuple(agents), float(claims["exp"]), role=role)
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()
         self._cache[token] = identity
@@ -136,15 +137,15 @@ class Requests:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates every call to `service` before the servicer runs; the servicer gets the caller's
+    """Authenticates every call to `services` before the servicer runs; the servicer gets the caller's
     Identity as an extra argument and checks each heartbeat's agent_id against it. It also decodes the
     requests itself, so that bytes that are no valid message get a clear INVALID_ARGUMENT. Unary
     servicer methods take (request, context, identity); streaming ones (Requests, context, identity) and
     answer with context.write()."""
 
-    def __init__(self, authenticator: Authenticator, service: str) -> None:
+    def __init__(self, authenticator: Authenticator, services: tuple[str, ...]) -> None:
         self._auth = authenticator
-        self._prefix = f"/{service}/"
+        self._prefixes = tuple(f"/{service}/" for service in services)
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # the wrappers do not depend on the call
 
     async def intercept_service(
@@ -156,7 +157,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if wrapped is not None:
             return wrapped
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(self._prefix):
+        if handler is None or not details.method.startswith(self._prefixes):
             return handler
         wrapped = self._wrapped[details.method] = self._wrap(handler, details.method.rsplit("/", 1)[1].lower())
         return wrapped

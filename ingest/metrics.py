@@ -17,3 +17,9 @@ REDIS_ROUNDTRIP = Histogram(
 ACTIVE_STREAMS = Gauge("hbreg_ingest_active_streams", "Open BeatStream calls")
 REDIS_UP = Gauge("hbreg_ingest_redis_up", "1 while Redis answers")
 STREAM_LENGTH = Gauge("hbreg_ingest_stream_entries", "Entries in each Redis stream shard (XLEN)", ["shard"])
+TASKS_TAKEN_UP = Histogram(
+    "hbreg_ingest_task_taken_up_seconds",
+    "Task assigned -> its assignee beat RUNNING on it (it owns it)",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+TASK_CALLS = Counter("hbreg_ingest_task_calls_total", "TaskService calls by outcome", ["outcome"])

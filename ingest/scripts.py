@@ -1,18 +1,20 @@
 """The Redis scripts of the ingest, in one place.
 
 WRITE_SHARD stores one group commit of one shard atomically, in one round trip: the stream entry,
-every agent's registry entry, and the fences of those agents. The heartbeats arrive column-wise in a
+every agent's registry entry, and reads the fences of those agents and the tasks offered to them
+(core/tasks.py writes both). The heartbeats arrive column-wise in a
 handful of arguments (newline-joined ids and numbers, packed little-endian floats, one byte per status)
 and the script builds the registry values itself: packing two arguments and formatting one string per
-heartbeat was most of the ingest's CPU, while Redis had a core to spare. All three keys share the
+heartbeat was most of the ingest's CPU, while Redis had a core to spare. All four keys share the
 shard's hash tag, so the script runs on one Redis Cluster node. The registry value format is the one
 core.views.RegistryEntry documents and decodes.
 
-KEYS: stream, latest (hash), fenced (hash)
+KEYS: stream, latest (hash), fenced (hash), assigned (hash)
 ARGV: minid, blob, count, newest receive time,
       agent ids, task ids, receive times, timestamps (newline-joined),
       statuses (one byte each), cpu, progress (float32 little-endian; NaN progress: not reported)
-Returns: a flat list agent, fence, agent, fence ... for the agents that have a fence.
+Returns: a flat list agent, fences, offers, agent, fences, offers ... for the agents that have either
+(an empty string for the one they lack).
 """
 
 WRITE_SHARD = """
@@ -49,14 +51,17 @@ for i = 1, #agents do
 end
 if #args > 0 then redis.call('HSET', KEYS[2], unpack(args)) end
 local out = {}
-if redis.call('EXISTS', KEYS[3]) == 1 then
+local has_fences, has_offers = redis.call('EXISTS', KEYS[3]) == 1, redis.call('EXISTS', KEYS[4]) == 1
+if has_fences or has_offers then
   for first = 1, #agents, 500 do
     local chunk = {unpack(agents, first, math.min(first + 499, #agents))}
-    local fences = redis.call('HMGET', KEYS[3], unpack(chunk))
+    local fences = has_fences and redis.call('HMGET', KEYS[3], unpack(chunk)) or {}
+    local offers = has_offers and redis.call('HMGET', KEYS[4], unpack(chunk)) or {}
     for j = 1, #chunk do
-      if fences[j] then
+      if fences[j] or offers[j] then
         out[#out + 1] = chunk[j]
-        out[#out + 1] = fences[j]
+        out[#out + 1] = fences[j] or ''
+        out[#out + 1] = offers[j] or ''
       end
     end
   end

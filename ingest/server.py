@@ -26,41 +26,20 @@ from heartbeat_registry.core import health as ops_health
 from heartbeat_registry.core.lifecycle import stop_signal
 from heartbeat_registry.core.names import Names
 from heartbeat_registry.core.settings import Settings
+from heartbeat_registry.core.tasks import TaskStore
 from heartbeat_registry.errors import ConfigError
 from heartbeat_registry.pb import hb, hb_grpc
 from ingest import metrics, validate
 from ingest.auth import Authenticator, AuthError, AuthInterceptor, Identity, Requests
+from ingest.directives import directives_for
 from ingest.limits import RateLimiter
+from ingest.tasks import TaskService
 from ingest.writer import Batch, Overloaded, StreamWriter, Unavailable
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = hb.DESCRIPTOR.services_by_name["HeartbeatService"].full_name
+TASK_SERVICE_NAME = hb.DESCRIPTOR.services_by_name["TaskService"].full_name
 RETRY_PUSHBACK_MS = 250
-
-
-def directives_for(beats: Sequence[hb.Heartbeat], fences: dict[str, str]) -> list[hb.Directive]:
-    """ABANDON for each agent still reporting the task a reassignment fenced it off from."""
-    if not fences:
-        return []
-    out = []
-    seen = set()
-    for beat in beats:
-        fence = fences.get(beat.agent_id)
-        if fence is None or beat.agent_id in seen:
-            continue
-        task_id, _, epoch = fence.partition(" ")
-        if beat.task_id == task_id:
-            seen.add(beat.agent_id)
-            out.append(
-                hb.Directive(
-                    kind=hb.Directive.ABANDON,
-                    agent_id=beat.agent_id,
-                    task_id=task_id,
-                    epoch=int(epoch or 0),
-                    reason="task reassigned",
-                )
-            )
-    return out
 
 
 def _at(index: int, batch: bool) -> str:
@@ -80,8 +59,9 @@ class HeartbeatService(hb_grpc.HeartbeatServiceServicer):
     """The three RPCs. Each takes the caller's Identity as a third argument, which the AuthInterceptor
     passes (so the signatures differ from the generated servicer's, on purpose)."""
 
-    def __init__(self, writer: StreamWriter, settings: Settings) -> None:
+    def __init__(self, writer: StreamWriter, tasks: TaskStore, settings: Settings) -> None:
         self._writer = writer
+        self._tasks = tasks
         self._limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
         self._max_batch = settings.max_batch
         self._max_skew_ms = int(settings.max_clock_skew * 1000)
@@ -129,12 +109,13 @@ class HeartbeatService(hb_grpc.HeartbeatServiceServicer):
         context: grpc.aio.ServicerContext,
         received: int,
         prefix: bool = False,
-    ) -> dict[str, str]:
-        """Admit and store `beats`; aborts the call with the right status when they are refused."""
+    ) -> list[hb.Directive]:
+        """Admit and store `beats`; aborts the call with the right status when they are refused. Returns
+        the directives for the reply, after an assignee's RUNNING beat made it the task's owner."""
         try:
             batch = self._admit(beats, identity, received, prefix)
             try:
-                fences = await self._writer.write(batch)
+                news = await self._writer.write(batch)
             except Overloaded as exc:
                 raise Refused(
                     grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded", f"ingest overloaded: {exc}", RETRY_PUSHBACK_MS
@@ -147,14 +128,19 @@ class HeartbeatService(hb_grpc.HeartbeatServiceServicer):
                 context.set_trailing_metadata((("grpc-retry-pushback-ms", str(refusal.retry_ms)),))
             await context.abort(refusal.code, str(refusal))
         metrics.ACCEPTED_BY_RPC[rpc].inc(len(beats))
-        return fences
+        directives, confirms = directives_for(beats, news, received)
+        for confirm in confirms:
+            took_ms = await self._tasks.confirm(confirm.task_id, confirm.agent_id, confirm.epoch)
+            if took_ms is not None:
+                metrics.TASKS_TAKEN_UP.observe(took_ms / 1000)
+        return directives
 
     async def Beat(  # type: ignore[override]
         self, request: hb.Heartbeat, context: grpc.aio.ServicerContext, identity: Identity
     ) -> hb.BeatReply:
         received = now_ms()
-        fences = await self._handle("beat", (request,), identity, context, received)
-        return hb.BeatReply(seq=request.seq, received_ms=received, directives=directives_for((request,), fences))
+        directives = await self._handle("beat", (request,), identity, context, received)
+        return hb.BeatReply(seq=request.seq, received_ms=received, directives=directives)
 
     async def BeatBatch(  # type: ignore[override]
         self, request: hb.BeatBatchRequest, context: grpc.aio.ServicerContext, identity: Identity
@@ -166,8 +152,8 @@ class HeartbeatService(hb_grpc.HeartbeatServiceServicer):
             code = grpc.StatusCode.INVALID_ARGUMENT if not beats else grpc.StatusCode.RESOURCE_EXHAUSTED
             await context.abort(code, f"heartbeats: {len(beats)} heartbeats; a batch holds 1 to {self._max_batch}")
         metrics.BATCH_SIZE.observe(len(beats))
-        fences = await self._handle("batch", beats, identity, context, received, prefix=True)
-        return hb.BeatBatchReply(received_ms=received, accepted=len(beats), directives=directives_for(beats, fences))
+        directives = await self._handle("batch", beats, identity, context, received, prefix=True)
+        return hb.BeatBatchReply(received_ms=received, accepted=len(beats), directives=directives)
 
     async def BeatStream(  # type: ignore[override]
         self, requests: Requests, context: grpc.aio.ServicerContext, identity: Identity
@@ -176,10 +162,8 @@ class HeartbeatService(hb_grpc.HeartbeatServiceServicer):
         try:
             while (beat := await requests.read()) is not None:
                 received = now_ms()
-                fences = await self._handle("stream", (beat,), identity, context, received)
-                await context.write(
-                    hb.BeatReply(seq=beat.seq, received_ms=received, directives=directives_for((beat,), fences))
-                )
+                directives = await self._handle("stream", (beat,), identity, context, received)
+                await context.write(hb.BeatReply(seq=beat.seq, received_ms=received, directives=directives))
         finally:
             metrics.ACTIVE_STREAMS.dec()
 
@@ -265,7 +249,7 @@ class Ingest:
         )
         self.writer = StreamWriter(self.redis, names, settings.stream_retention, settings.max_pending)
         self.server = grpc.aio.server(
-            interceptors=[AuthInterceptor(authenticator, SERVICE_NAME)],
+            interceptors=[AuthInterceptor(authenticator, (SERVICE_NAME, TASK_SERVICE_NAME))],
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_concurrent_streams", 100_000),
@@ -275,11 +259,18 @@ class Ingest:
                 ("grpc.server_max_pending_requests_hard_limit", 100_000),
             ],
         )
-        hb_grpc.add_HeartbeatServiceServicer_to_server(HeartbeatService(self.writer, settings), self.server)
+        self.tasks = TaskStore(self.redis, names)
+        hb_grpc.add_HeartbeatServiceServicer_to_server(HeartbeatService(self.writer, self.tasks, settings), self.server)
+        hb_grpc.add_TaskServiceServicer_to_server(TaskService(self.tasks, settings.assign_timeout), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                SERVICE_NAME,
+                TASK_SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             self.server,
         )
         self.watch = RedisWatch(self.redis, self.health, self.writer, names)

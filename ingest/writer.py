@@ -24,7 +24,9 @@ from heartbeat_registry.core.names import Names, partition_of
 from ingest import metrics, scripts
 
 log = logging.getLogger(__name__)
-NO_FENCES: dict[str, str] = {}
+# agent -> (its fences, the tasks offered to it), raw as core/tasks.py stores them; only agents that have any
+TaskNews = dict[str, tuple[str, str]]
+NO_NEWS: TaskNews = {}
 NAN = float("nan")
 
 
@@ -88,13 +90,13 @@ class _Write:
 
     __slots__ = ("future", "remaining", "count", "fences")
 
-    def __init__(self, future: asyncio.Future[dict[str, str]], shards: int, count: int) -> None:
+    def __init__(self, future: asyncio.Future[TaskNews], shards: int, count: int) -> None:
         self.future = future
         self.remaining = shards
         self.count = count
-        self.fences: dict[str, str] = NO_FENCES
+        self.fences: TaskNews = NO_NEWS
 
-    def shard_done(self, cols: Columns, fences: dict[str, str]) -> bool:
+    def shard_done(self, cols: Columns, fences: TaskNews) -> bool:
         """Record one written shard; True when it was the last."""
         if fences:
             mine = {a: fences[a] for a in cols.agent_id if a in fences}
@@ -142,15 +144,15 @@ class StreamWriter:
             wakeup.set()
         await asyncio.gather(*self._tasks)
 
-    async def write(self, batch: Batch) -> dict[str, str]:
-        """Store `batch`; returns agent_id -> fence ('task_id epoch') for its agents that have one."""
+    async def write(self, batch: Batch) -> TaskNews:
+        """Store `batch`; returns, for its agents that have any, their fences and the tasks offered to them."""
         if self._closing:
             raise Unavailable("ingest is shutting down")
         if not self.available:
             raise Unavailable("redis is unreachable")
         if self._pending + batch.count > self._max_pending:
             raise Overloaded(f"{self._pending} heartbeats already waiting for Redis")
-        future: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[TaskNews] = asyncio.get_running_loop().create_future()
         write = _Write(future, len(batch.shards), batch.count)
         self._pending += batch.count
         for index, cols in batch.shards.items():
@@ -163,7 +165,8 @@ class StreamWriter:
 
     async def _run(self, shard: int) -> None:
         wakeup = self._wakeups[shard]
-        keys = [self._names.stream(shard), self._names.latest(shard), self._names.fenced(shard)]
+        names = self._names
+        keys = [names.stream(shard), names.latest(shard), names.fenced(shard), names.assigned(shard)]
         while True:
             # Look before waiting: a wake-up that arrived during the previous write (close()'s included)
             # may have been consumed already, so the event alone must never decide.
@@ -192,7 +195,11 @@ class StreamWriter:
                     if not write.future.done():
                         write.future.set_exception(error)
             else:
-                fences = {_text(reply[i]): _text(reply[i + 1]) for i in range(0, len(reply), 2)} if reply else NO_FENCES
+                fences = (
+                    {_text(reply[i]): (_text(reply[i + 1]), _text(reply[i + 2])) for i in range(0, len(reply), 3)}
+                    if reply
+                    else NO_NEWS
+                )
                 for cols, write in queued:
                     write.shard_done(cols, fences)
 

@@ -5,10 +5,11 @@ The agent folds the batch into in-memory window stats and liveness state and, wh
 a window's end, writes the window once (a few table values per partition and window, not one per
 heartbeat: every table write also produces a changelog record, which is what limits naive faust
 pipelines to a few thousand heartbeats per second). Liveness state goes to the `snapshots` table in
-chunks whenever windows close or events fire. Table writes happen while iterating an event of the same
-partition, so changelog partitions line up; when a partition goes quiet with window rows still to
-write, the worker sends that partition a watermark tick of its own so the writes (and the
-acknowledgements waiting for them) complete. Which records may be acknowledged when: processors/partition.py.
+chunks whenever it changes, with the partition's meta before every acknowledgement. Table writes happen
+while iterating an event of the same partition, so changelog partitions line up; when a partition goes
+quiet with window rows still to write, the worker sends that partition a watermark tick of its own so
+the writes (and the acknowledgements waiting for them) complete. Which records may be acknowledged
+when: processors/partition.py.
 
 A failure inside the agent leaves the in-memory state half-updated, so the worker does not let faust
 restart the agent on it: it reports unhealthy and exits non-zero, and its partitions are rebuilt from
@@ -17,6 +18,7 @@ the tables by the next owner (or by this worker, restarted by its supervisor).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import logging
@@ -246,7 +248,9 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
                 await fold(event, manual)
         except Exception as exc:
             fail(exc)
-            raise
+            # Not raised: faust would start the agent again on the half-updated state, and it could fold
+            # and acknowledge more records before the shutdown. The shutdown cancels this wait.
+            await asyncio.Event().wait()
 
     @app.timer(QUIET_TICK_S)
     async def tick_quiet_partitions() -> None:

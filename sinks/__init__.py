@@ -1,2 +1,3 @@
-"""Every consumer of the pipeline's output: the HTTP read side (`web`: query API, dashboard), and the
-reassignment and Alertmanager sinks. Sinks import the shared core, never `processors/`."""
+"""Every consumer of the pipeline's output: the HTTP read side (`web`: the query API), the reassignment
+sink (`reassign`, with its policy in `reassign_policy`) and the reference Role Assignment service
+(`assigner`). Sinks import the shared core, never `ingest/` or `processors/`."""

@@ -12,12 +12,15 @@ SERVER_STACK = ("faust", "mode", "aiokafka", "redis", "aiohttp", "prometheus_cli
 
 
 def imports(path: pathlib.Path) -> set[str]:
+    """The modules `path` imports, relative imports made absolute."""
+    package = list(path.relative_to(ROOT).parent.parts)
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            found.add(".".join([*base, *([node.module] if node.module else [])]))
     return found
 
 

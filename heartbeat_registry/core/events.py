@@ -21,6 +21,7 @@ from heartbeat_registry.core.topics import partition_count
 from heartbeat_registry.pb import hb
 
 log = logging.getLogger(__name__)
+HISTORY_MS = 24 * 3600 * 1000  # what `hbreg events` and the query API show of the past
 UNDECODABLE = Counter("hbreg_events_undecodable_total", "agent-events records that are no AgentEvent, skipped")
 
 
@@ -38,15 +39,22 @@ class EventReader:
         self._partitions: list[TopicPartition] = []
 
     async def __aenter__(self) -> EventReader:
-        await self._consumer.start()
+        try:
+            await self._consumer.start()
+        except BaseException:
+            await self._consumer.stop()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self._consumer.stop()
 
-    async def seek(self, since_ms: int | None = None, *, wait: bool = True) -> bool:
-        """Position at the first event at or after `since_ms` (None: the topic's beginning). Waits for
-        the topic to exist when `wait` (the worker may create it moments from now), else returns False."""
+    async def seek(
+        self, since_ms: int | None = None, *, wait: bool = True, offsets: dict[int, int] | None = None
+    ) -> bool:
+        """Position at the first event at or after `since_ms` (None: the topic's beginning), or at
+        `offsets` (partition -> next offset, as `positions()` gave them) where given. Waits for the topic
+        to exist when `wait` (the worker may create it moments from now), else returns False."""
         while not (count := await partition_count(self._bootstrap, self._topic)):
             if not wait:
                 return False
@@ -57,14 +65,21 @@ class EventReader:
         if since_ms is None:
             await consumer.seek_to_beginning(*self._partitions)
             return True
-        found = await consumer.offsets_for_times({tp: since_ms for tp in self._partitions})
+        known = offsets or {}
+        found = await consumer.offsets_for_times({tp: since_ms for tp in self._partitions if tp.partition not in known})
         for tp in self._partitions:
             at = found.get(tp)
-            if at is None:
+            if tp.partition in known:
+                consumer.seek(tp, known[tp.partition])
+            elif at is None:
                 await consumer.seek_to_end(tp)
             else:
                 consumer.seek(tp, at.offset)
         return True
+
+    async def positions(self) -> dict[int, int]:
+        """partition -> the offset of the next event this reader would return."""
+        return {tp.partition: await self._consumer.position(tp) for tp in self._partitions}
 
     async def history(self) -> list[hb.AgentEvent]:
         """Every event from the position up to the end offsets as of now, in time order."""

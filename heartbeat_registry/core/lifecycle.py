@@ -4,6 +4,8 @@ Ctrl-C as a request to drain, flush and commit rather than an abrupt end."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -39,6 +41,15 @@ def run(proc: str, settings: Settings, main: Callable[[Settings], Coroutine[Any,
         install_uvloop()
     asyncio.run(main(settings))
     return 0
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null (its reader is gone), so later writes and the interpreter's flush at
+    exit cannot fail."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
 
 
 def exit_on_sigterm() -> None:

@@ -64,6 +64,7 @@ class TransientKafkaErrors(logging.Filter):
             if any(name in text for name in TRANSIENT_KAFKA_ERRORS):
                 record.levelno, record.levelname = logging.INFO, "INFO"
                 record.exc_info = None  # the retry is the whole story; no traceback
+                return logging.getLogger().isEnabledFor(logging.INFO)
         return True
 
 

@@ -31,8 +31,33 @@ class Names:
         return f"{self.key_prefix}:{{s{shard}}}:latest"
 
     def fenced(self, shard: int) -> str:
-        """Hash agent_id -> 'task_id epoch' of the task taken away from it by a reassignment."""
+        """Hash agent_id -> 'task epoch;task epoch...': the tasks taken away from it (core.tasks)."""
         return f"{self.key_prefix}:{{s{shard}}}:fenced"
+
+    def assigned(self, shard: int) -> str:
+        """Hash agent_id -> 'task epoch deadline;...': tasks offered to the agent (core.tasks)."""
+        return f"{self.key_prefix}:{{s{shard}}}:assigned"
+
+    # the task registry (core/tasks.py): per task shard, one hash slot each
+    def tasks(self, shard: int) -> str:
+        """Hash task_id -> the task's record (JSON: owner, epoch, state, since, assignee, deadline)."""
+        return f"{self.key_prefix}:{{k{shard}}}:tasks"
+
+    def task_history(self, shard: int, task_id: str) -> str:
+        """List of the task's changes (JSON), oldest first."""
+        return f"{self.key_prefix}:{{k{shard}}}:history:{task_id}"
+
+    def tasks_orphaned(self, shard: int) -> str:
+        """Zset task_id -> since (ms): the shard's orphaned tasks."""
+        return f"{self.key_prefix}:{{k{shard}}}:orphaned"
+
+    def tasks_assigned(self, shard: int) -> str:
+        """Zset task_id -> assignment deadline (ms): the shard's assigned tasks."""
+        return f"{self.key_prefix}:{{k{shard}}}:assigned"
+
+    def tasks_running(self, shard: int) -> str:
+        """Zset task_id -> since (ms): the shard's tasks with a record that run again."""
+        return f"{self.key_prefix}:{{k{shard}}}:running"
 
     def streams(self) -> list[str]:
         return [self.stream(i) for i in range(self.shards)]
@@ -69,8 +94,23 @@ class Names:
         return f"{self.topic_prefix}agent-events"
 
     @property
+    def reassignments_topic(self) -> str:
+        """Reassignment records, keyed by task_id: the contract with the Role Assignment service."""
+        return f"{self.topic_prefix}task-reassignments"
+
+    @property
     def processors_app_id(self) -> str:
         return f"{self.topic_prefix}hbreg-processors"
+
+    @property
+    def reassign_group(self) -> str:
+        """The reassignment sink's consumer group on `agent-events` (and its transactional ids' prefix)."""
+        return f"{self.topic_prefix}hbreg-reassign"
+
+    @property
+    def assigner_group(self) -> str:
+        """The reference Role Assignment service's consumer group on `task-reassignments`."""
+        return f"{self.topic_prefix}hbreg-assigner"
 
 
 _CACHE_LIMIT = 1 << 20

@@ -98,6 +98,18 @@ def _file(text: str) -> pathlib.Path:
     return path
 
 
+REASONS = ("silent", "hung", "overdue")
+
+
+def _reasons(text: str) -> tuple[str, ...]:
+    if text.strip().lower() == "none":
+        return ()
+    found = tuple(r.strip() for r in text.split(",") if r.strip())
+    if any(r not in REASONS for r in found):
+        raise ValueError
+    return found
+
+
 def _level(text: str) -> str:
     if text.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ValueError
@@ -119,6 +131,7 @@ PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "switch": (_switch, "on or off (1/0, true/false, yes/no)"),
     "file": (_file, "the path of an existing file"),
     "text": (str, "text"),
+    "reasons": (_reasons, "a comma-separated list of silent, hung, overdue, or none"),
 }
 
 
@@ -185,6 +198,15 @@ class Settings:
     mass_silence_hold: float = _field(60.0, "seconds", "longest hold of a mass silence before individual stalls")
     lag_alert: float = _field(2.0, "seconds", "pipeline lag (wall clock minus watermark) that raises `pipeline_lag`")
     window_retention: float = _field(3600.0, "seconds", "how long window rows are kept")
+    reassign_on: tuple[str, ...] = _field(REASONS, "reasons", "stall reasons that reassign the agent's task")
+    reassign_rate: float = _field(20.0, "positive", "reassignments per second, sustained (more wait in order)")
+    reassign_burst: float = _field(50.0, "positive", "reassignments at once before the rate applies")
+    assign_timeout: float = _field(
+        30.0, "seconds", "an assigned task not taken up (beat RUNNING) by then is orphaned again"
+    )
+    assigner: bool = _field(True, "switch", "`hbreg up` runs the reference Role Assignment service (`hbreg assigner`)")
+    reassign_metrics_addr: str = _field("127.0.0.1:9466", "address", "the reassignment sink's /metrics and /healthz")
+    assigner_metrics_addr: str = _field("127.0.0.1:9467", "address", "the reference assigner's /metrics and /healthz")
     allow_untested_versions: bool = _field(
         False, "switch", "let the worker start on faust-streaming/aiokafka versions its hooks were not verified on"
     )
@@ -245,10 +267,10 @@ class Settings:
                     f"(state file {self.state_dir / 'state.json'})"
                 )
 
-    def signing_secret(self) -> bytes | None:
-        """The token signing secret, from HBREG_AUTH_SECRET, the file HBREG_AUTH_SECRET_FILE names, or the
-        one `hbreg up` keeps in the state directory (also while it is stopped: tokens minted then stay valid
-        for its next start)."""
+    def signing_secret(self, kept_by_up: bool = False) -> bytes | None:
+        """The token signing secret, from HBREG_AUTH_SECRET or the file HBREG_AUTH_SECRET_FILE names; with
+        `kept_by_up` (the tools that mint tokens, never a service), else the one `hbreg up` keeps in the
+        state directory, also while it is stopped: tokens minted then stay valid for its next start."""
         from heartbeat_registry.core import state
 
         kept = state.secret_path(self.state_dir)
@@ -259,7 +281,7 @@ class Settings:
                 self.auth_secret_file.read_bytes().strip(),
                 f"HBREG_AUTH_SECRET_FILE={self.auth_secret_file}",
             )
-        elif kept.is_file():
+        elif kept_by_up and kept.is_file():
             secret, source = kept.read_bytes().strip(), str(kept)
         else:
             return None
@@ -272,7 +294,9 @@ class Settings:
         out = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if value is not None:
+            if isinstance(value, tuple):
+                out[PREFIX + field.name.upper()] = ",".join(value) or "none"
+            elif value is not None:
                 out[PREFIX + field.name.upper()] = str(value)
         return out
 

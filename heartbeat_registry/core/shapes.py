@@ -103,3 +103,27 @@ def window_json(agent_id: str, row: WindowRow, final: bool) -> dict[str, Any]:
         "state": row.state,
         "final": final,
     }
+
+
+def task_json(task_id: str, record: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
+    """One task in `GET /api/tasks/{id}` (with its history) and `GET /api/tasks` (without): `owner` is the
+    agent it runs on (running), the one it was taken from (orphaned), or the one it was handed to (assigned)."""
+    state = record["state"]
+    return {
+        "task_id": task_id,
+        "owner": (record.get("assignee") or record["owner"]) if state == "assigned" else record["owner"],
+        "epoch": int(record["epoch"]),
+        "state": state,
+        "since_ms": int(record["since"]),
+        "assign_deadline_ms": int(record["deadline"]) if record.get("deadline") else None,
+        "history": [
+            {
+                "epoch": int(c["epoch"]),
+                "agent_id": c["agent"],
+                "what": c["what"],
+                "at_ms": int(c["at_ms"]),
+                "why": c["why"],
+            }
+            for c in history
+        ],
+    }

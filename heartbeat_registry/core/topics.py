@@ -10,12 +10,11 @@ returns only once the broker's metadata lists every topic with all its partition
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from heartbeat_registry.core.names import Names
 from heartbeat_registry.errors import ConfigError, ServiceError
@@ -34,6 +33,13 @@ def pipeline_topics(names: Names, partitions: int) -> list[NewTopic]:
     ]
 
 
+def reassignment_topics(names: Names, partitions: int) -> list[NewTopic]:
+    """`task-reassignments` (the reassignment sink's output, keyed by task)."""
+    return [
+        NewTopic(names.reassignments_topic, partitions, 1, topic_configs={"retention.ms": str(EVENTS_RETENTION_MS)})
+    ]
+
+
 async def ensure_topics(bootstrap: str, topics: Sequence[NewTopic], timeout: float = 60.0) -> None:
     """Create the missing `topics`, check the partition counts of all, wait until the metadata has them.
 
@@ -45,7 +51,7 @@ async def ensure_topics(bootstrap: str, topics: Sequence[NewTopic], timeout: flo
         try:
             if await _create_and_check(bootstrap, topics):
                 return
-        except (KafkaConnectionError, KafkaError) as exc:
+        except KafkaError as exc:
             if loop.time() > deadline:
                 raise ServiceError(f"Kafka at {bootstrap} did not answer within {timeout:.0f} s: {exc!r}") from None
         if loop.time() > deadline:
@@ -58,6 +64,9 @@ async def partition_count(bootstrap: str, topic: str) -> int:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
     try:
         await admin.start()
+        # describing a missing topic would create it on brokers with auto.create.topics.enable
+        if topic not in await admin.list_topics():
+            return 0
         found = await admin.describe_topics([topic])
     finally:
         await admin.close()
@@ -73,10 +82,18 @@ async def _create_and_check(bootstrap: str, topics: Sequence[NewTopic]) -> bool:
         existing = set(await admin.list_topics())
         missing = [t for t in topics if t.name not in existing]
         if missing:
-            with contextlib.suppress(TopicAlreadyExistsError):  # another process made it meanwhile
-                await admin.create_topics(missing)
+            response = await admin.create_topics(missing)
+            refused = [
+                f"{name}: {message or f'error {code}'}"
+                for name, code, *rest in getattr(response, "topic_errors", ())
+                for message in [rest[0] if rest else None]
+                if code not in (0, TopicAlreadyExistsError.errno)  # another process made it meanwhile: fine
+            ]
+            if refused:
+                raise ServiceError("Kafka refused to create topics: " + "; ".join(refused))
             log.info("created topics", extra={"topics": ",".join(t.name for t in missing)})
-        described = await admin.describe_topics([t.name for t in topics])
+            existing |= {t.name for t in missing}
+        described = await admin.describe_topics([t.name for t in topics if t.name in existing])
         found = {d["topic"]: len(d["partitions"]) for d in described}
         # a partition without a leader yet refuses produce requests for a moment: wait for all of them
         led = {d["topic"] for d in described if all(p["leader"] >= 0 for p in d["partitions"])}

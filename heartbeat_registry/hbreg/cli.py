@@ -7,14 +7,14 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 
 from heartbeat_registry import __version__
 from heartbeat_registry.core.settings import PARSERS, Settings
-from heartbeat_registry.core.views import STATES
 from heartbeat_registry.errors import ConfigError, HeartbeatRegistryError
+
+SERVER_EXTRA = "pip install 'heartbeat-registry[server]'"
 
 STATUSES = ("IDLE", "RUNNING", "COMPLETED", "FAILED", "STOPPING")
 
@@ -88,9 +88,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
+    from heartbeat_registry.core.tokens import AGENT, ASSIGNER
     from heartbeat_registry.hbreg.tokens import agent_token
 
-    print(agent_token(_settings(args), args.agent, args.ttl, args.relay_for))
+    role = ASSIGNER if args.assigner else AGENT
+    print(agent_token(_settings(args), args.agent, args.ttl, args.relay_for, role))
     return 0
 
 
@@ -115,7 +117,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from heartbeat_registry.hbreg import tables
 
     exit_on_sigterm()
-    duration = args.duration or {"ingest": 10.0, "pipeline": 20.0, "detection": 60.0}[args.suite]
+    duration = args.duration or {"ingest": 10.0, "pipeline": 20.0, "detection": 60.0, "recovery": 0.0}[args.suite]
     if args.suite == "ingest":
         from heartbeat_registry.hbreg.bench import ingest
 
@@ -128,10 +130,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from heartbeat_registry.hbreg.bench import pipeline
 
         results = pipeline.run(args.heartbeats, duration, args.redis_url, args.kafka_bootstrap)
-    else:
+    elif args.suite == "detection":
         from heartbeat_registry.hbreg.bench import detection
 
         results = detection.run(args.agents, duration, args.redis_url, args.kafka_bootstrap)
+    else:
+        from heartbeat_registry.hbreg.bench import recovery
+
+        results = recovery.run(args.stalls, args.kills, args.redis_url, args.kafka_bootstrap)
     print(json.dumps(results) if args.json else tables.bench(results))
     return 0
 
@@ -161,6 +167,41 @@ def cmd_query(args: argparse.Namespace) -> int:
     from sinks.web.server import serve
 
     return lifecycle.run("query", _settings(args), serve, uvloop=True)
+
+
+def cmd_reassign(args: argparse.Namespace) -> int:
+    from heartbeat_registry.core import lifecycle
+    from sinks.reassign import serve
+
+    return lifecycle.run("reassign", _settings(args), serve, uvloop=True)
+
+
+def cmd_assigner(args: argparse.Namespace) -> int:
+    from heartbeat_registry.core import lifecycle
+    from sinks.assigner import serve
+
+    return lifecycle.run("assigner", _settings(args), serve, uvloop=True)
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from heartbeat_registry.hbreg import api, tables
+
+    tasks = api.get(_settings(args), "/api/tasks", state=args.state)["tasks"]
+    if args.json:
+        _print_lines(tasks)
+    else:
+        print(tables.tasks(tasks))
+    return 0
+
+
+def cmd_task(args: argparse.Namespace) -> int:
+    import urllib.parse
+
+    from heartbeat_registry.hbreg import api, tables
+
+    task = api.get(_settings(args), "/api/tasks/" + urllib.parse.quote(args.task, safe=""))
+    print(json.dumps(task) if args.json else tables.task(task))
+    return 0
 
 
 def cmd_agents(args: argparse.Namespace) -> int:
@@ -203,6 +244,8 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from heartbeat_registry.core.views import STATES
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--grpc-addr", type=_arg("address"), help="ingest address (HBREG_GRPC_ADDR)")
     common.add_argument("--redis-url", type=_arg("redis_url"), help="Redis/Valkey URL (HBREG_REDIS_URL)")
@@ -259,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="AGENT_OR_PREFIX*",
         help="a relay token may also speak for these agents (repeatable; `host-7-*` matches a prefix)",
     )
+    p.add_argument(
+        "--assigner",
+        action="store_true",
+        help="a service token for TaskService (a Role Assignment service named AGENT), not an agent's",
+    )
     p.set_defaults(func=cmd_token)
 
     p = sub.add_parser(
@@ -282,11 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
         "suite",
         nargs="?",
         default="ingest",
-        choices=("ingest", "pipeline", "detection"),
+        choices=("ingest", "pipeline", "detection", "recovery"),
         help="what to benchmark (default: ingest)",
     )
     p.add_argument("--heartbeats", type=_arg("count"), default=1_000_000, help="pipeline: backlog size")
     p.add_argument("--agents", type=_arg("count"), default=1000, help="detection: fleet size")
+    p.add_argument("--stalls", type=_arg("count"), default=20_000, help="recovery: the sink's backlog of stall events")
+    p.add_argument("--kills", type=_arg("count"), default=40, help="recovery: owners killed in the live phase")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(
         "--duration",
@@ -307,6 +357,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_worker)
     p = sub.add_parser("query", parents=[common], help="run the query API (HTTP, JSON)")
     p.set_defaults(func=cmd_query)
+    p = sub.add_parser("reassign", parents=[common], help="run the reassignment sink (stalls -> task-reassignments)")
+    p.set_defaults(func=cmd_reassign)
+    p = sub.add_parser(
+        "assigner",
+        parents=[common],
+        help="run the reference Role Assignment service (task-reassignments -> TaskService.Assign)",
+    )
+    p.set_defaults(func=cmd_assigner)
+    p = sub.add_parser("tasks", parents=[common], help="tasks with a reassignment history (from the query API)")
+    p.add_argument(
+        "--state",
+        choices=("running", "orphaned", "assigned"),
+        help="only tasks in this state (default: orphaned and assigned)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_tasks)
+    p = sub.add_parser("task", parents=[common], help="one task: owner, epoch, state and history")
+    p.add_argument("task", metavar="TASK")
+    p.add_argument("--json", action="store_true", help="the JSON object")
+    p.set_defaults(func=cmd_task)
     p = sub.add_parser("agents", parents=[common], help="current state of every agent (from the query API)")
     p.add_argument("--state", choices=STATES, help="only agents in this state")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -325,17 +395,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         code: int = args.func(args)
         return code
+    except ModuleNotFoundError as exc:  # an agent's install: the client only
+        print(f"hbreg: needs the server packages ({exc.name} is missing): {SERVER_EXTRA}", file=sys.stderr)
+        return 2
     except HeartbeatRegistryError as exc:
         print(f"hbreg: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `hbreg events | head`: the reader is gone, which is fine
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        from heartbeat_registry.core.lifecycle import silence_stdout
+
+        silence_stdout()
         return 0
     finally:
         logging.shutdown()

@@ -7,13 +7,11 @@ import json
 import time
 
 from heartbeat_registry.beats import now_ms
-from heartbeat_registry.core.events import EventReader
+from heartbeat_registry.core.events import HISTORY_MS, EventReader
 from heartbeat_registry.core.names import Names
 from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.core.shapes import event_json
 from heartbeat_registry.pb import hb
-
-HISTORY_MS = 24 * 3600 * 1000
 
 
 def _line(event: hb.AgentEvent, as_json: bool) -> str:

@@ -28,7 +28,7 @@ def send(
 ) -> int:
     """Send one Beat; prints the reply (rc 0) or the refusal's status and message (rc 1)."""
     beat = heartbeat(agent, task, hb.Status.Value(status), cpu, progress=progress, seq=1)
-    if token is None and settings.auth and settings.signing_secret() is not None:
+    if token is None and settings.auth and settings.signing_secret(kept_by_up=True) is not None:
         token = agent_token(settings, agent, LOCAL_TOKEN_TTL_S)  # on the ingest's machine: its own secret
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     with grpc.insecure_channel(settings.grpc_addr) as channel:

@@ -14,6 +14,7 @@ Nothing here downloads anything: a missing part is reported with the command tha
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import pathlib
 import re
@@ -32,17 +33,21 @@ KAFKA_POM = PROJECT_ROOT / "infra" / "kafka" / "pom.xml"
 KAFKA_HEAP = "512m"
 
 
-def _kafka_version() -> str:
+@functools.cache
+def kafka_version() -> str:
     """`kafka.version` of infra/kafka/pom.xml: the one place the broker's version is written."""
     ns = {"m": "http://maven.apache.org/POM/4.0.0"}
-    found = ET.parse(KAFKA_POM).getroot().find("m:properties/m:kafka.version", ns)
+    try:
+        found = ET.parse(KAFKA_POM).getroot().find("m:properties/m:kafka.version", ns)
+    except (OSError, ET.ParseError) as exc:
+        raise ServiceError(f"cannot read the Kafka version from {KAFKA_POM}: {exc}") from None
     if found is None or not found.text:
         raise ServiceError(f"{KAFKA_POM} names no kafka.version")
     return found.text.strip()
 
 
-KAFKA_VERSION = _kafka_version()
-KAFKA_LIBS = PROJECT_ROOT / ".cache" / "kafka" / KAFKA_VERSION / "libs"
+def kafka_libs() -> pathlib.Path:
+    return PROJECT_ROOT / ".cache" / "kafka" / kafka_version() / "libs"
 
 
 def free_port() -> int:
@@ -118,7 +123,11 @@ def java_17() -> str | None:
 
 
 def kafka_available() -> bool:
-    return java_17() is not None and (KAFKA_LIBS / f"kafka_2.13-{KAFKA_VERSION}.jar").exists()
+    try:
+        jar = kafka_libs() / f"kafka_2.13-{kafka_version()}.jar"
+    except ServiceError:
+        return False
+    return java_17() is not None and jar.exists()
 
 
 def broker_kind() -> str:
@@ -129,7 +138,7 @@ def broker_kind() -> str:
 def why_not_kafka() -> str:
     if java_17() is None:
         return "Java 17 was not found"
-    return f"the Kafka {KAFKA_VERSION} jars are not in {KAFKA_LIBS} (run `make install` with Maven present)"
+    return f"the Kafka {kafka_version()} jars are not in {kafka_libs()} (run `make install` with Maven present)"
 
 
 def kafka_command(port: int, data_dir: pathlib.Path) -> list[str]:
@@ -168,7 +177,7 @@ def kafka_command(port: int, data_dir: pathlib.Path) -> list[str]:
             ]
         )
     )
-    classpath = f"{KAFKA_LIBS}/*"
+    classpath = f"{kafka_libs()}/*"
     jvm = [
         java,
         f"-Xmx{KAFKA_HEAP}",

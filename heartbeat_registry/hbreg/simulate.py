@@ -3,8 +3,9 @@ detection benchmark and the acceptance tests exercise the code agents run.
 
 `Fleet` holds the agents and the faults a test or benchmark injects into them: `kill` (silent, without
 the STOPPING a clean exit sends, until `revive`), `pause` (silent for a while, shorter than the timeout),
-and a task or CPU of the test's choosing (`report`). `run_demo` is what `hbreg simulate` and
-`hbreg up --demo` run: agents working through tasks, a share of them stalling now and then.
+and a task or CPU of the test's choosing (`report`); idle agents take the tasks assigned to them.
+`run_demo` is what `hbreg simulate` and `hbreg up --demo` run: agents working through tasks, a share of
+them stalling now and then, and taking over the tasks of the stalled ones when they are assigned them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import random
 from collections.abc import Callable, Sequence
 
-from heartbeat_registry.client import AsyncHeartbeatClient
+from heartbeat_registry.client import Assignment, AsyncHeartbeatClient
 from heartbeat_registry.errors import HeartbeatRejected, TaskAbandoned
 from heartbeat_registry.pb import hb
 
@@ -32,8 +33,10 @@ class Fleet:
         token_for: Callable[[str], str] | None = None,
         task_of: Callable[[str], str] = lambda agent: f"{agent}-task",
         cpu: float = 0.5,
+        take_assignments: bool = True,
     ) -> None:
         self.errors: list[HeartbeatRejected] = []
+        self.taken: list[tuple[str, Assignment]] = []  # (agent, assignment) in the order they were taken
         self.rng = random.Random(seed)
         self.agents = {
             agent: AsyncHeartbeatClient(
@@ -46,12 +49,25 @@ class Fleet:
                 backoff_initial=0.1,
                 backoff_max=2.0,
                 on_error=self.errors.append,
+                on_assign=self._taker(agent) if take_assignments else None,
             )
             for agent in agent_ids
         }
         for agent, client in self.agents.items():
-            client.report(task_id=task_of(agent), status=hb.RUNNING, cpu=cpu)
+            task = task_of(agent)
+            client.report(task_id=task, status=hb.RUNNING if task else hb.IDLE, cpu=cpu)
         self._pauses: set[asyncio.Task[None]] = set()
+
+    def _taker(self, agent: str) -> Callable[[Assignment], None]:
+        """An idle agent takes a task assigned to it: it beats RUNNING on it, which makes it the owner."""
+
+        def take(assignment: Assignment) -> None:
+            client = self.agents[agent]
+            if client.status == hb.IDLE:
+                self.taken.append((agent, assignment))
+                client.report(task_id=assignment.task_id, status=hb.RUNNING)
+
+        return take
 
     @property
     def acknowledged(self) -> int:
@@ -104,7 +120,8 @@ async def _work(client: AsyncHeartbeatClient, rng: random.Random, stall_timeout:
     number = 0
     while True:
         number += 1
-        task_id = f"{client.agent_id}-task-{number}"
+        offered = client.next_assignment()  # a stalled agent's task, handed over: it goes first
+        task_id = offered.task_id if offered else f"{client.agent_id}-task-{number}"
         duration = rng.uniform(20, 60)
         base_cpu = rng.uniform(0.3, 0.9)
         began = loop.time()
@@ -138,7 +155,13 @@ async def run_demo(
     rng = random.Random(seed)
     stalling = round(agents * stall_fraction)
     fleet = Fleet(
-        endpoints, [f"{prefix}-{i:05d}" for i in range(agents)], interval, jitter=0.2, seed=seed, token_for=token_for
+        endpoints,
+        [f"{prefix}-{i:05d}" for i in range(agents)],
+        interval,
+        jitter=0.2,
+        seed=seed,
+        token_for=token_for,
+        take_assignments=False,  # `_work` takes them between its own tasks
     )
     await fleet.start()
     try:

@@ -45,3 +45,23 @@ def bench(results: Mapping[str, Any]) -> str:
         else:
             lines.append(f"{name:<10} {value}")
     return "\n".join(lines)
+
+
+def tasks(rows: Iterable[Mapping[str, Any]]) -> str:
+    lines = [f"{'TASK':<32} {'STATE':<9} {'OWNER':<24} {'EPOCH':>5} {'SINCE':>8}"]
+    now = now_ms()
+    for t in rows:
+        lines.append(
+            f"{t['task_id']:<32} {t['state']:<9} {t['owner'] or '-':<24} {t['epoch']:>5} "
+            f"{(now - t['since_ms']) / 1000:>7.1f}s"
+        )
+    return "\n".join(lines)
+
+
+def task(t: Mapping[str, Any]) -> str:
+    lines = [f"task {t['task_id']}: {t['state']}, owner {t['owner'] or '-'}, epoch {t['epoch']}", ""]
+    lines.append(f"{'WHEN':<20} {'EPOCH':>5} {'WHAT':<20} {'AGENT':<24} WHY")
+    for c in t["history"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["at_ms"] / 1000))
+        lines.append(f"{when:<20} {c['epoch']:>5} {c['what']:<20} {c['agent']:<24} {c['why']}")
+    return "\n".join(lines)

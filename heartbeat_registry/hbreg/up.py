@@ -1,4 +1,5 @@
-"""`hbreg up`: runs every process of the Procfile, prints where each listens, stops them all.
+"""`hbreg up`: runs every process of the Procfile (Valkey and Kafka only when no Redis or Kafka is
+configured, the reference assigner unless HBREG_ASSIGNER=off), prints where each listens, stops them all.
 
 Children run in their own sessions (a Ctrl-C reaches only this supervisor, which then stops them in
 reverse order so the ingest drains before Redis goes) and get SIGTERM from the kernel if the
@@ -42,7 +43,7 @@ class Console:
     """stdout that may go away (a closed pipe): after the first failed write, output is dropped."""
 
     def __init__(self) -> None:
-        self.gone = False
+        self.gone = sys.stdout is None
 
     def write(self, text: str) -> None:
         if self.gone:
@@ -50,11 +51,9 @@ class Console:
         try:
             sys.stdout.write(text)
             sys.stdout.flush()
-        except (BrokenPipeError, OSError, ValueError):
+        except (OSError, ValueError):  # a closed pipe, or a closed file
             self.gone = True
-            # later writes (and the interpreter's own flush at exit) must not raise either
-            with contextlib.suppress(OSError):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            lifecycle.silence_stdout()
 
     def say(self, text: str) -> None:
         self.write(text + "\n")
@@ -94,15 +93,21 @@ class Child:
 
 
 async def _pump(name: str, stream: asyncio.StreamReader, width: int, console: Console) -> None:
-    """The child's output, prefixed with its name; drained to the end whatever became of stdout."""
-    while line := await stream.readline():
+    """The child's output, prefixed with its name; drained to the end whatever became of stdout (a child
+    blocked on a full pipe could not shut down)."""
+    while True:
+        try:
+            line = await stream.readline()
+        except ValueError:  # a line longer than the reader's limit: pass it on in pieces
+            line = await stream.read(65536)
+        if not line:
+            return
         if not any(noise in line for noise in _NOISE):
             console.write(f"{name:<{width}} | {line.decode(errors='replace')}")
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, env: dict[str, str], console: Console) -> None:
-        self.settings = settings
+    def __init__(self, env: dict[str, str], console: Console) -> None:
         self.env = env
         self.console = console
         self.children: list[Child] = []
@@ -149,7 +154,7 @@ class Supervisor:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(child.proc.pid, signal.SIGKILL)
                     await child.proc.wait()
-            await child.pump
+            await asyncio.gather(child.pump, return_exceptions=True)
 
 
 async def up(settings: Settings, demo: int = 0, demo_stall_fraction: float = 0.15) -> int:
@@ -184,7 +189,7 @@ async def up(settings: Settings, demo: int = 0, demo_stall_fraction: float = 0.1
     redis_url, kafka_bootstrap = settings.redis_url, settings.kafka_bootstrap
     assert redis_url is not None and kafka_bootstrap is not None
     env = {**os.environ, **settings.child_env(), "HBREG_RUN_DIR": str(run_dir), "PYTHONUNBUFFERED": "1"}
-    sup = Supervisor(settings, env, console)
+    sup = Supervisor(env, console)
     started = time.monotonic()
     code = 0
     stopper = asyncio.create_task(stop.wait())
@@ -196,16 +201,21 @@ async def up(settings: Settings, demo: int = 0, demo_stall_fraction: float = 0.1
         if embedded_kafka:
             child = await sup.start("kafka", _argv(procs["kafka"]))
             await sup.wait_ready(child, kafka_bootstrap, broker)
-        ready = {
+        ready = {  # where a process answers once it is up (others are only started)
             "ingest": settings.grpc_addr,
             "bridge": settings.bridge_metrics_addr,
             "worker": settings.worker_web_addr,
             "query": settings.http_addr,
+            "reassign": settings.reassign_metrics_addr,
+            "assigner": settings.assigner_metrics_addr,
         }
+        skip = {"valkey", "kafka"} | (set() if settings.assigner else {"assigner"})
         waits = []
-        for name, addr in ready.items():
-            child = await sup.start(name, _argv(procs[name]))
-            waits.append(sup.wait_ready(child, addr, name))
+        for name, command in procs.items():
+            if name not in skip:
+                child = await sup.start(name, _argv(command))
+                if name in ready:
+                    waits.append(sup.wait_ready(child, ready[name], name))
         await asyncio.gather(*waits)
 
     try:
@@ -230,6 +240,11 @@ async def up(settings: Settings, demo: int = 0, demo_stall_fraction: float = 0.1
                 "processes": {c.name: c.proc.pid for c in sup.children},
             },
         )
+        assigner_line = (
+            f"reference assigner, metrics http://{settings.assigner_metrics_addr}/metrics"
+            if settings.assigner
+            else "off (HBREG_ASSIGNER=off): assign with your own Role Assignment service"
+        )
         lines = [
             f"hbreg: up in {time.monotonic() - started:.1f} s",
             f"  redis     {settings.redis_url}{' (embedded valkey)' if embedded_redis else ''}",
@@ -238,6 +253,8 @@ async def up(settings: Settings, demo: int = 0, demo_stall_fraction: float = 0.1
             f"  bridge    metrics http://{settings.bridge_metrics_addr}/metrics",
             f"  worker    metrics http://{settings.worker_web_addr}/metrics",
             f"  query     http://{settings.http_addr}/api/agents",
+            f"  reassign  metrics http://{settings.reassign_metrics_addr}/metrics",
+            f"  assigner  {assigner_line}",
             f"  state     {state.path(settings.state_dir)}",
             "  events    hbreg events --follow --json",
         ]

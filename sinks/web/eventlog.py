@@ -8,12 +8,11 @@ import logging
 from typing import Any
 
 from heartbeat_registry.beats import now_ms
-from heartbeat_registry.core.events import EventReader
+from heartbeat_registry.core.events import HISTORY_MS, EventReader
 from heartbeat_registry.core.shapes import event_json
 
 log = logging.getLogger(__name__)
 EVENT_MEMORY = 100_000
-EVENT_HISTORY_MS = 24 * 3600 * 1000
 
 
 class EventLog:
@@ -22,6 +21,7 @@ class EventLog:
         self._topic = topic
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENT_MEMORY)
         self.running = False  # caught up with the history and following
+        self._next: dict[int, int] = {}  # partition -> next offset, to resume exactly after a failure
 
     async def run(self) -> None:
         """Read until cancelled; a failure (Kafka gone) is logged and the reading starts over."""
@@ -35,15 +35,17 @@ class EventLog:
 
     async def _read(self) -> None:
         async with EventReader(self._bootstrap, self._topic) as reader:
-            newest = self.events[-1]["detected_at_ms"] if self.events else now_ms() - EVENT_HISTORY_MS
-            await reader.seek(newest + 1)
+            await reader.seek(now_ms() - HISTORY_MS, offsets=self._next)
             self.events.extend(event_json(e) for e in await reader.history())
+            self._next = await reader.positions()
             self.running = True
             while True:
                 self.events.extend(event_json(e) for e in await reader.fetch())
+                self._next = await reader.positions()
 
     def select(self, kind: str | None, since: int, agent_id: str | None, limit: int) -> list[dict[str, Any]]:
-        """The newest `limit` events of that type, since then, concerning that agent, oldest first."""
+        """The newest `limit` events of that type, since then, concerning that agent: the last day's in time
+        order, then in the order they arrived."""
         found = [
             e
             for e in self.events

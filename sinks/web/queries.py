@@ -10,9 +10,11 @@ import redis.asyncio as aioredis
 from heartbeat_registry.beats import now_ms
 from heartbeat_registry.core.names import Names, partition_of
 from heartbeat_registry.core.settings import Settings
-from heartbeat_registry.core.shapes import agent_json, window_json
+from heartbeat_registry.core.shapes import agent_json, task_json, window_json
+from heartbeat_registry.core.tasks import ASSIGNED, ORPHANED, RUNNING, TaskStore
 from heartbeat_registry.core.views import AgentView, PartitionClock, RegistryEntry, WindowRow
 from heartbeat_registry.core.windowstats import WindowStats
+from heartbeat_registry.pb import hb
 
 
 class Query:
@@ -22,6 +24,7 @@ class Query:
         self.redis = client
         self.window_ms = int(settings.window_size * 1000)
         self.timeout_ms = int(settings.stall_timeout * 1000)
+        self.tasks_store = TaskStore(client, self.names)
 
     async def _clocks(self) -> dict[int, int]:
         raw = await self.redis.hgetall(self.names.query_clock)
@@ -98,3 +101,49 @@ class Query:
                     merged.merge(row.stats, (row.start - hop_start) / 60_000)
             out.append(window_json(agent_id, WindowRow(hop_start, last.end, last.state, merged), final))
         return [r for r in out if start <= r["window_end_ms"] and r["window_start_ms"] <= end]
+
+    async def _reported(self) -> dict[str, RegistryEntry]:
+        """task -> the registry entry of an agent beating RUNNING on it (tasks known only from heartbeats)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for shard in range(self.names.shards):
+            pipe.hgetall(self.names.latest(shard))
+        found = {}
+        for reply in await pipe.execute():
+            for key, raw in reply.items():
+                entry = RegistryEntry.decode(key.decode(), raw)
+                if entry.task_id and entry.status == hb.RUNNING:
+                    found[entry.task_id] = entry
+        return found
+
+    @staticmethod
+    def _implicit(entry: RegistryEntry) -> dict[str, Any]:
+        """A task only seen in heartbeats: owned by its reporter at epoch 0."""
+        record = {"owner": entry.agent_id, "epoch": 0, "state": RUNNING, "since": entry.last_seen_ms}
+        seen = {
+            "epoch": 0,
+            "agent": entry.agent_id,
+            "what": RUNNING,
+            "at_ms": entry.last_seen_ms,
+            "why": "seen in heartbeats",
+        }
+        return task_json(entry.task_id, record, [seen])
+
+    async def task(self, task_id: str) -> dict[str, Any] | None:
+        record = await self.tasks_store.get(task_id)
+        if record is not None:
+            return task_json(task_id, record, await self.tasks_store.history(task_id))
+        entry = (await self._reported()).get(task_id)
+        return None if entry is None else self._implicit(entry)
+
+    async def tasks(self, state: str | None, limit: int) -> list[dict[str, Any]]:
+        """Tasks in `state` (default: orphaned and assigned), oldest first."""
+        out = []
+        for wanted in [state] if state else [ORPHANED, ASSIGNED]:
+            for task_id, _ in await self.tasks_store.in_state(wanted, limit):
+                record = await self.tasks_store.get(task_id)
+                if record is not None and record["state"] == wanted:
+                    out.append(task_json(task_id, record, []))
+            if wanted == RUNNING:
+                recorded = {t["task_id"] for t in out}
+                out.extend(self._implicit(e) for t, e in (await self._reported()).items() if t not in recorded)
+        return out[:limit]

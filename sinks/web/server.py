@@ -5,6 +5,7 @@
 - `GET /api/windows?agent=A&from=T&to=T&size=10s`: window rows; a size that is a multiple of the
   tumbling window (e.g. `60s`) gives hopping windows, merged from the tumbling ones
 - `GET /api/events?type=stall&since=T&agent=A&limit=N`: recent `agent-events`
+- `GET /api/tasks?state=orphaned`, `GET /api/tasks/{task_id}`: the task registry (owner, epoch, history)
 - `GET /healthz`, `GET /metrics`
 
 Times (`from`, `to`, `since`) are epoch milliseconds or a duration ago (`5m`). Liveness comes from the
@@ -30,6 +31,7 @@ from heartbeat_registry.core.lifecycle import stop_signal
 from heartbeat_registry.core.names import Names
 from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.core.shapes import EVENT_TYPES
+from heartbeat_registry.core.tasks import TASK_STATES
 from heartbeat_registry.core.views import STATES
 from sinks.web import params
 from sinks.web.eventlog import EventLog
@@ -119,6 +121,23 @@ def build_app(query: Query, events: EventLog) -> web.Application:
 
         return await answer("events", handler)
 
+    async def list_tasks(request: web.Request) -> web.Response:
+        async def handler() -> Body:
+            state = params.choice(request, "state", TASK_STATES)
+            return {"tasks": await query.tasks(state, params.count(request, "limit", 1000))}
+
+        return await answer("tasks", handler)
+
+    async def one_task(request: web.Request) -> web.Response:
+        async def handler() -> Body:
+            task_id = request.match_info["task_id"]
+            found = await query.task(task_id)
+            if found is None:
+                raise LookupError(f"task {task_id!r} is not known (no agent reports it, nothing happened to it)")
+            return found
+
+        return await answer("task", handler)
+
     async def healthz(_: web.Request) -> web.Response:
         try:
             await asyncio.wait_for(query.redis.ping(), 1.0)
@@ -132,6 +151,8 @@ def build_app(query: Query, events: EventLog) -> web.Application:
     app.router.add_get("/api/agents/{agent_id}", one_agent)
     app.router.add_get("/api/windows", list_windows)
     app.router.add_get("/api/events", list_events)
+    app.router.add_get("/api/tasks", list_tasks)
+    app.router.add_get("/api/tasks/{task_id}", one_task)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", health.metrics_response)
     return app

@@ -17,9 +17,9 @@ from heartbeat_registry import AsyncHeartbeatClient, HeartbeatClient, HeartbeatR
 from heartbeat_registry.client import CpuSampler
 from heartbeat_registry.core.names import Names, partition_of
 from heartbeat_registry.core.settings import Settings
+from heartbeat_registry.core.tokens import mint
 from heartbeat_registry.core.views import RegistryEntry
 from heartbeat_registry.pb import hb, hb_grpc
-from ingest.auth import mint
 from ingest.server import Ingest
 from tests.kafka_helpers import eventually
 

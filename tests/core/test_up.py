@@ -44,10 +44,12 @@ def up_env(tmp_path, **extra: str) -> dict[str, str]:
         HBREG_BRIDGE_METRICS_ADDR=f"127.0.0.1:{services.free_port()}",
         HBREG_WORKER_WEB_ADDR=f"127.0.0.1:{services.free_port()}",
         HBREG_HTTP_ADDR=f"127.0.0.1:{services.free_port()}",
+        HBREG_REASSIGN_METRICS_ADDR=f"127.0.0.1:{services.free_port()}",
+        HBREG_ASSIGNER_METRICS_ADDR=f"127.0.0.1:{services.free_port()}",
         HBREG_TOPIC_PARTITIONS="2",
         PYTHONUNBUFFERED="1",
-        **extra,
     )
+    env.update(extra)
     return env
 
 
@@ -69,7 +71,16 @@ def test_up_runs_the_demo_and_stops_cleanly(tmp_path) -> None:
             time.sleep(0.2)
         state = json.loads(state_file.read_text())
         assert state["broker"] == "kafka"
-        assert set(state["processes"]) == {"valkey", "kafka", "ingest", "bridge", "worker", "query"}
+        assert set(state["processes"]) == {
+            "valkey",
+            "kafka",
+            "ingest",
+            "bridge",
+            "worker",
+            "query",
+            "reassign",
+            "assigner",
+        }
 
         # a second terminal finds the running system through the state file
         sent = hbreg("send", "--agent", "cli-agent", "--task", "t1", "--status", "RUNNING", "--cpu", "0.4", env=env)

@@ -9,8 +9,8 @@ import grpc
 import pytest
 
 from heartbeat_registry.core.settings import Settings
+from heartbeat_registry.core.tokens import mint
 from heartbeat_registry.pb import hb, hb_grpc
-from ingest.auth import mint
 from ingest.server import Ingest
 from tests.certs import CA
 

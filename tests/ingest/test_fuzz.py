@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 
 from heartbeat_registry.core.names import Names
 from heartbeat_registry.core.settings import Settings
+from heartbeat_registry.core.tokens import mint
 from heartbeat_registry.hbreg import services
 from heartbeat_registry.pb import hb
 from ingest import validate
-from ingest.auth import mint
 from tests import procs
 
 SECRET = "fuzz-secret-0123456789-0123456789-abcdef"

@@ -114,6 +114,8 @@ def isolated(base: Settings, tag: str, **changes: Any) -> Settings:
         ingest_metrics_addr=f"127.0.0.1:{services.free_port()}",
         bridge_metrics_addr=f"127.0.0.1:{services.free_port()}",
         worker_web_addr=f"127.0.0.1:{services.free_port()}",
+        reassign_metrics_addr=f"127.0.0.1:{services.free_port()}",
+        assigner_metrics_addr=f"127.0.0.1:{services.free_port()}",
         rate_limit=1000.0,
         rate_burst=1000.0,
         **changes,

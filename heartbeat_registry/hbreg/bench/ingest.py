@@ -56,7 +56,7 @@ FLEET_INTERVAL = 2.0
 def _metadata(secret: str | None, agent: str, relay: bool = False) -> tuple:
     if not secret:
         return ()
-    from ingest.auth import mint
+    from heartbeat_registry.core.tokens import mint
 
     token = mint(secret.encode(), agent, 3600, relay_for=("bench-*",) if relay else ())
     return (("authorization", f"Bearer {token}"),)

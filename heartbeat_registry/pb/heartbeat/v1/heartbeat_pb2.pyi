@@ -25,6 +25,14 @@ class EventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PIPELINE_CAUGHT_UP: _ClassVar[EventType]
     MASS_SILENCE: _ClassVar[EventType]
     MASS_SILENCE_CLEARED: _ClassVar[EventType]
+    ASSIGNMENT_EXPIRED: _ClassVar[EventType]
+
+class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_STATE_UNSPECIFIED: _ClassVar[TaskState]
+    TASK_RUNNING: _ClassVar[TaskState]
+    TASK_ORPHANED: _ClassVar[TaskState]
+    TASK_ASSIGNED: _ClassVar[TaskState]
 STATUS_UNSPECIFIED: Status
 IDLE: Status
 RUNNING: Status
@@ -38,6 +46,11 @@ PIPELINE_LAG: EventType
 PIPELINE_CAUGHT_UP: EventType
 MASS_SILENCE: EventType
 MASS_SILENCE_CLEARED: EventType
+ASSIGNMENT_EXPIRED: EventType
+TASK_STATE_UNSPECIFIED: TaskState
+TASK_RUNNING: TaskState
+TASK_ORPHANED: TaskState
+TASK_ASSIGNED: TaskState
 
 class Heartbeat(_message.Message):
     __slots__ = ("agent_id", "task_id", "status", "timestamp", "cpu_util", "progress", "seq")
@@ -63,8 +76,10 @@ class Directive(_message.Message):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[Directive.Kind]
         ABANDON: _ClassVar[Directive.Kind]
+        ASSIGN: _ClassVar[Directive.Kind]
     KIND_UNSPECIFIED: Directive.Kind
     ABANDON: Directive.Kind
+    ASSIGN: Directive.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -155,3 +170,83 @@ class AgentEvent(_message.Message):
     agent_ids: _containers.RepeatedScalarFieldContainer[str]
     emitted_at_ms: int
     def __init__(self, type: _Optional[_Union[EventType, str]] = ..., agent_id: _Optional[str] = ..., task_id: _Optional[str] = ..., reason: _Optional[str] = ..., last_seen_ms: _Optional[int] = ..., detected_at_ms: _Optional[int] = ..., event_id: _Optional[str] = ..., partition: _Optional[int] = ..., figures: _Optional[_Mapping[str, float]] = ..., agent_ids: _Optional[_Iterable[str]] = ..., emitted_at_ms: _Optional[int] = ...) -> None: ...
+
+class Reassignment(_message.Message):
+    __slots__ = ("task_id", "from_agent_id", "epoch", "reason", "stall_event_id", "detected_at_ms", "emitted_at_ms")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    STALL_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    DETECTED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    EMITTED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    from_agent_id: str
+    epoch: int
+    reason: str
+    stall_event_id: str
+    detected_at_ms: int
+    emitted_at_ms: int
+    def __init__(self, task_id: _Optional[str] = ..., from_agent_id: _Optional[str] = ..., epoch: _Optional[int] = ..., reason: _Optional[str] = ..., stall_event_id: _Optional[str] = ..., detected_at_ms: _Optional[int] = ..., emitted_at_ms: _Optional[int] = ...) -> None: ...
+
+class TaskChange(_message.Message):
+    __slots__ = ("epoch", "agent_id", "what", "at_ms", "why")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    WHAT_FIELD_NUMBER: _ClassVar[int]
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    WHY_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    agent_id: str
+    what: str
+    at_ms: int
+    why: str
+    def __init__(self, epoch: _Optional[int] = ..., agent_id: _Optional[str] = ..., what: _Optional[str] = ..., at_ms: _Optional[int] = ..., why: _Optional[str] = ...) -> None: ...
+
+class Task(_message.Message):
+    __slots__ = ("task_id", "owner", "epoch", "state", "since_ms", "history", "assign_deadline_ms")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SINCE_MS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    ASSIGN_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    owner: str
+    epoch: int
+    state: TaskState
+    since_ms: int
+    history: _containers.RepeatedCompositeFieldContainer[TaskChange]
+    assign_deadline_ms: int
+    def __init__(self, task_id: _Optional[str] = ..., owner: _Optional[str] = ..., epoch: _Optional[int] = ..., state: _Optional[_Union[TaskState, str]] = ..., since_ms: _Optional[int] = ..., history: _Optional[_Iterable[_Union[TaskChange, _Mapping]]] = ..., assign_deadline_ms: _Optional[int] = ...) -> None: ...
+
+class AssignRequest(_message.Message):
+    __slots__ = ("task_id", "agent_id", "epoch")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    agent_id: str
+    epoch: int
+    def __init__(self, task_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class GetTaskRequest(_message.Message):
+    __slots__ = ("task_id",)
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+
+class ListTasksRequest(_message.Message):
+    __slots__ = ("state", "limit")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    state: TaskState
+    limit: int
+    def __init__(self, state: _Optional[_Union[TaskState, str]] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListTasksReply(_message.Message):
+    __slots__ = ("tasks",)
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[Task]
+    def __init__(self, tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ...) -> None: ...

@@ -184,3 +184,170 @@ class HeartbeatService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class TaskServiceStub:
+    """For the Role Assignment service (a service token minted by `hbreg token NAME --assigner`; agents' tokens
+    are refused). Assign succeeds only at the task's current epoch (FAILED_PRECONDITION names the current one;
+    NOT_FOUND for a task the registry does not know).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Assign = channel.unary_unary(
+                '/heartbeat.v1.TaskService/Assign',
+                request_serializer=heartbeat_dot_v1_dot_heartbeat__pb2.AssignRequest.SerializeToString,
+                response_deserializer=heartbeat_dot_v1_dot_heartbeat__pb2.Task.FromString,
+                _registered_method=True)
+        self.GetTask = channel.unary_unary(
+                '/heartbeat.v1.TaskService/GetTask',
+                request_serializer=heartbeat_dot_v1_dot_heartbeat__pb2.GetTaskRequest.SerializeToString,
+                response_deserializer=heartbeat_dot_v1_dot_heartbeat__pb2.Task.FromString,
+                _registered_method=True)
+        self.ListTasks = channel.unary_unary(
+                '/heartbeat.v1.TaskService/ListTasks',
+                request_serializer=heartbeat_dot_v1_dot_heartbeat__pb2.ListTasksRequest.SerializeToString,
+                response_deserializer=heartbeat_dot_v1_dot_heartbeat__pb2.ListTasksReply.FromString,
+                _registered_method=True)
+
+
+class TaskServiceServicer:
+    """For the Role Assignment service (a service token minted by `hbreg token NAME --assigner`; agents' tokens
+    are refused). Assign succeeds only at the task's current epoch (FAILED_PRECONDITION names the current one;
+    NOT_FOUND for a task the registry does not know).
+    """
+
+    def Assign(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTasks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TaskServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Assign': grpc.unary_unary_rpc_method_handler(
+                    servicer.Assign,
+                    request_deserializer=heartbeat_dot_v1_dot_heartbeat__pb2.AssignRequest.FromString,
+                    response_serializer=heartbeat_dot_v1_dot_heartbeat__pb2.Task.SerializeToString,
+            ),
+            'GetTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTask,
+                    request_deserializer=heartbeat_dot_v1_dot_heartbeat__pb2.GetTaskRequest.FromString,
+                    response_serializer=heartbeat_dot_v1_dot_heartbeat__pb2.Task.SerializeToString,
+            ),
+            'ListTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTasks,
+                    request_deserializer=heartbeat_dot_v1_dot_heartbeat__pb2.ListTasksRequest.FromString,
+                    response_serializer=heartbeat_dot_v1_dot_heartbeat__pb2.ListTasksReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'heartbeat.v1.TaskService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('heartbeat.v1.TaskService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class TaskService:
+    """For the Role Assignment service (a service token minted by `hbreg token NAME --assigner`; agents' tokens
+    are refused). Assign succeeds only at the task's current epoch (FAILED_PRECONDITION names the current one;
+    NOT_FOUND for a task the registry does not know).
+    """
+
+    @staticmethod
+    def Assign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/heartbeat.v1.TaskService/Assign',
+            heartbeat_dot_v1_dot_heartbeat__pb2.AssignRequest.SerializeToString,
+            heartbeat_dot_v1_dot_heartbeat__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/heartbeat.v1.TaskService/GetTask',
+            heartbeat_dot_v1_dot_heartbeat__pb2.GetTaskRequest.SerializeToString,
+            heartbeat_dot_v1_dot_heartbeat__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/heartbeat.v1.TaskService/ListTasks',
+            heartbeat_dot_v1_dot_heartbeat__pb2.ListTasksRequest.SerializeToString,
+            heartbeat_dot_v1_dot_heartbeat__pb2.ListTasksReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
