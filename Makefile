@@ -8,9 +8,9 @@ BIN := $(VENV)/bin
 KAFKA_VERSION := $(shell sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' infra/kafka/pom.xml)
 KAFKA_JAR := .cache/kafka/$(KAFKA_VERSION)/libs/kafka_2.13-$(KAFKA_VERSION).jar
 
-.PHONY: install run test unit lint proto bench clean
+.PHONY: install run test unit lint proto bench clean kafka-jars alerting-tools
 
-install: $(VENV)/.installed kafka-jars
+install: $(VENV)/.installed kafka-jars alerting-tools
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,18 @@ kafka-jars:
 			-Dkafka.version=$(KAFKA_VERSION) || exit 1; \
 	else \
 		echo "Java 17 or Maven not found: hbreg up will use the Tansu fallback broker (the tests need Kafka)"; \
+	fi
+
+# Alertmanager, amtool and promtool from Debian's packages: the embedded alerts of `hbreg up`, and the tests
+alerting-tools:
+	@if command -v prometheus-alertmanager >/dev/null && command -v amtool >/dev/null && command -v promtool >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's prometheus-alertmanager and prometheus (Alertmanager, amtool, promtool)"; \
+		{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+			prometheus-alertmanager prometheus >/dev/null; } || \
+			echo "could not install them: hbreg up runs without alerts (the tests need them)"; \
+	else \
+		echo "Alertmanager, amtool or promtool not found (not root, or no apt-get): hbreg up runs without alerts"; \
 	fi
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml

@@ -87,6 +87,7 @@ def make_settings(tmp_path, prefix: str, **values) -> Settings:
         worker_web_addr=f"127.0.0.1:{services.free_port()}",
         reassign_metrics_addr=f"127.0.0.1:{services.free_port()}",
         assigner_metrics_addr=f"127.0.0.1:{services.free_port()}",
+        alerts_metrics_addr=f"127.0.0.1:{services.free_port()}",
         http_addr=f"127.0.0.1:{services.free_port()}",
         **{"auth": False, "rate_limit": 10_000.0, "rate_burst": 10_000.0, **values},
     )

@@ -81,6 +81,16 @@ class Names:
         return f"{self.key_prefix}:q:clock"
 
     @property
+    def alerts(self) -> str:
+        """Hash alert key -> the alert (JSON: labels, annotations, starts, resolved): what Alertmanager is told."""
+        return f"{self.key_prefix}:alerts"
+
+    @property
+    def alert_notifications(self) -> str:
+        """List of the notifications Alertmanager delivered to our webhook receiver (JSON), newest first."""
+        return f"{self.key_prefix}:alerts:notifications"
+
+    @property
     def bridge_group(self) -> str:
         return f"{self.topic_prefix}bridge"
 
@@ -106,6 +116,11 @@ class Names:
     def reassign_group(self) -> str:
         """The reassignment sink's consumer group on `agent-events` (and its transactional ids' prefix)."""
         return f"{self.topic_prefix}hbreg-reassign"
+
+    @property
+    def alerts_group(self) -> str:
+        """The Alertmanager sink's consumer group on `agent-events`."""
+        return f"{self.topic_prefix}hbreg-alerts"
 
     @property
     def assigner_group(self) -> str:

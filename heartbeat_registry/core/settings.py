@@ -63,6 +63,13 @@ def _redis_url(text: str) -> str:
     return text
 
 
+def _urls(text: str) -> str:
+    for part in text.split(","):
+        if not part.strip().startswith(("http://", "https://")):
+            raise ValueError
+    return text
+
+
 def _bootstrap(text: str) -> str:
     for part in text.split(","):
         _address(part.strip())
@@ -124,6 +131,7 @@ PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "address": (_address, "HOST:PORT"),
     "redis_url": (_redis_url, "a redis:// rediss:// or unix:// URL"),
     "bootstrap": (_bootstrap, "HOST:PORT[,HOST:PORT...]"),
+    "urls": (_urls, "http(s)://HOST:PORT[,http(s)://HOST:PORT...]"),
     "prefix": (_prefix, "letters, digits, '.', '_' or '-'"),
     "fraction": (_fraction, "a number from 0 to 1"),
     "path": (pathlib.Path, "a path"),
@@ -207,6 +215,16 @@ class Settings:
     assigner: bool = _field(True, "switch", "`hbreg up` runs the reference Role Assignment service (`hbreg assigner`)")
     reassign_metrics_addr: str = _field("127.0.0.1:9466", "address", "the reassignment sink's /metrics and /healthz")
     assigner_metrics_addr: str = _field("127.0.0.1:9467", "address", "the reference assigner's /metrics and /healthz")
+    alertmanager_url: str | None = _field(
+        None, "urls", "Alertmanager members (each gets every alert); unset: `hbreg up` starts one"
+    )
+    cluster: str = _field("local", "text", "the `cluster` label of every alert")
+    public_url: str | None = _field(
+        None, "text", "where people reach the dashboard (alerts link to it); unset: the query API"
+    )
+    alert_resend: float = _field(60.0, "seconds", "firing alerts are sent again this often (endsAt = 4 x this ahead)")
+    orphan_alert: float = _field(60.0, "seconds", "a task without an owner this long raises TaskOrphaned")
+    alerts_metrics_addr: str = _field("127.0.0.1:9468", "address", "the Alertmanager sink's /metrics and /healthz")
     allow_untested_versions: bool = _field(
         False, "switch", "let the worker start on faust-streaming/aiokafka versions its hooks were not verified on"
     )
@@ -247,7 +265,7 @@ class Settings:
             return self
         fill: dict[str, Any] = {
             name: recorded[name]
-            for name in ("redis_url", "kafka_bootstrap")
+            for name in ("redis_url", "kafka_bootstrap", "alertmanager_url")
             if getattr(self, name) is None and recorded.get(name)
         }
         # the addresses `hbreg up` served on, unless this process was told otherwise

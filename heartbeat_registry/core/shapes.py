@@ -15,6 +15,7 @@ EVENT_TYPES = {
     hb.PIPELINE_CAUGHT_UP: "pipeline_caught_up",
     hb.MASS_SILENCE: "mass_silence",
     hb.MASS_SILENCE_CLEARED: "mass_silence_cleared",
+    hb.ASSIGNMENT_EXPIRED: "assignment_expired",
 }
 
 

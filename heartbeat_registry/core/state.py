@@ -3,8 +3,8 @@
 The state file records where the running system listens, so a second terminal's `hbreg events` or
 `hbreg send` finds it without any variable set (the settings read it). Keys: `pid`, `started_at_ms`,
 `broker` (`kafka` or `tansu`), `redis_url`, `kafka_bootstrap`, `grpc_addr`, `http_addr`,
-`auth_secret_file`, `processes` (name -> pid). The secret file `auth_secret` outlives a run, so tokens
-minted for the embedded system stay valid across restarts.
+`alertmanager_url`, `auth_secret_file`, `processes` (name -> pid). The secret file `auth_secret` outlives
+a run, so tokens minted for the embedded system stay valid across restarts.
 """
 
 from __future__ import annotations

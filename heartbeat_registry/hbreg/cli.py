@@ -183,6 +183,24 @@ def cmd_assigner(args: argparse.Namespace) -> int:
     return lifecycle.run("assigner", _settings(args), serve, uvloop=True)
 
 
+def cmd_alerter(args: argparse.Namespace) -> int:
+    from heartbeat_registry.core import lifecycle
+    from sinks.alertmanager import serve
+
+    return lifecycle.run("alerter", _settings(args), serve, uvloop=True)
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    from heartbeat_registry.hbreg import api, tables
+
+    found = api.get(_settings(args), "/api/alerts", limit=args.limit)
+    if args.json:
+        print(json.dumps(found))
+    else:
+        print(tables.alerts(found))
+    return 0
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     from heartbeat_registry.hbreg import api, tables
 
@@ -365,6 +383,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the reference Role Assignment service (task-reassignments -> TaskService.Assign)",
     )
     p.set_defaults(func=cmd_assigner)
+    p = sub.add_parser("alerter", parents=[common], help="run the Alertmanager sink (agent-events -> alerts)")
+    p.set_defaults(func=cmd_alerter)
+    p = sub.add_parser(
+        "alerts",
+        parents=[common],
+        help="alerts firing in Alertmanager and the notifications it sent",
+        description="The alerts Alertmanager reports active now, and the notifications it delivered to the "
+        "webhook receiver (after grouping, inhibition and silences), newest first.",
+    )
+    p.add_argument("--limit", type=_arg("count"), default=20, help="notifications to show (default 20)")
+    p.add_argument("--json", action="store_true", help="one JSON object: firing, notifications")
+    p.set_defaults(func=cmd_alerts)
     p = sub.add_parser("tasks", parents=[common], help="tasks with a reassignment history (from the query API)")
     p.add_argument(
         "--state",
@@ -389,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_windows)
 
     p = sub.add_parser("service", parents=[common], help="run an embedded service (used by `hbreg up`)")
-    p.add_argument("service", choices=("valkey", "kafka"))
+    p.add_argument("service", choices=("valkey", "kafka", "alertmanager"))
     p.set_defaults(func=cmd_service)
     return parser
 

@@ -223,6 +223,36 @@ def tansu_command(port: int) -> list[str]:
     return [binary, "broker", "--listener-url", url, "--advertised-listener-url", url]
 
 
+# Alertmanager ----------------------------------------------------------------------------------------
+
+ALERTMANAGER_CONFIG = PROJECT_ROOT / "infra" / "alertmanager" / "alertmanager.yml"
+DEFAULT_WEBHOOK_ADDR = "127.0.0.1:8080"
+
+
+def alertmanager_binary() -> str | None:
+    """Debian's `prometheus-alertmanager` (or an `alertmanager` on the PATH), or None."""
+    return shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+
+
+def alertmanager_command(port: int, data_dir: pathlib.Path, http_addr: str) -> list[str]:
+    """Alertmanager on `port` with infra/alertmanager/alertmanager.yml, its webhook pointed at the query API
+    of this run (`http_addr`), its storage under `data_dir`, no cluster gossip (one member)."""
+    binary = alertmanager_binary()
+    if binary is None:
+        raise ServiceError("Alertmanager is not installed: run `make install` (Debian's prometheus-alertmanager)")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config = data_dir / "alertmanager.yml"
+    config.write_text(ALERTMANAGER_CONFIG.read_text().replace(DEFAULT_WEBHOOK_ADDR, http_addr))
+    return [
+        binary,
+        f"--config.file={config}",
+        f"--storage.path={data_dir / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--cluster.listen-address=",
+        "--log.level=warn",
+    ]
+
+
 def _port(value: str | None, var: str) -> int:
     if not value:
         raise ConfigError(f"{var} must be set for an embedded service")
@@ -234,7 +264,10 @@ def run(service: str, settings: Settings) -> int:
 
     Ports come from HBREG_REDIS_URL / HBREG_KAFKA_BOOTSTRAP, which `hbreg up` set to free ports."""
     run_dir = pathlib.Path(os.environ.get("HBREG_RUN_DIR") or settings.state_dir / "run")
-    if service == "valkey":
+    if service == "alertmanager":
+        port = _port(settings.alertmanager_url, "HBREG_ALERTMANAGER_URL")
+        cmd = alertmanager_command(port, run_dir / "alertmanager", settings.http_addr)
+    elif service == "valkey":
         port = _port(settings.redis_url, "HBREG_REDIS_URL")
         # durable: the append-only file lives beside the state file and survives restarts of `hbreg up`
         data = settings.state_dir / "valkey" if settings.redis_durable else run_dir / "valkey"

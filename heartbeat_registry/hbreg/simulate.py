@@ -118,9 +118,11 @@ async def _work(client: AsyncHeartbeatClient, rng: random.Random, stall_timeout:
     loop = asyncio.get_running_loop()
     next_stall = loop.time() + rng.uniform(3, 10)
     number = 0
+    pending = None
     while True:
         number += 1
-        offered = client.next_assignment()  # a stalled agent's task, handed over: it goes first
+        offered = pending or client.next_assignment()  # a stalled agent's task, handed over, goes first
+        pending = None
         task_id = offered.task_id if offered else f"{client.agent_id}-task-{number}"
         duration = rng.uniform(20, 60)
         base_cpu = rng.uniform(0.3, 0.9)
@@ -134,11 +136,14 @@ async def _work(client: AsyncHeartbeatClient, rng: random.Random, stall_timeout:
                         await asyncio.sleep(stall_timeout * rng.uniform(1.5, 3.0))
                         await client.start()
                         next_stall = loop.time() + rng.uniform(10, 30)
+                    if offered is None and (pending := client.next_assignment()) is not None:
+                        break  # handed a stalled agent's task: wrap up this one and take it
                     await asyncio.sleep(client.interval)
         except TaskAbandoned:
             pass  # reassigned to another agent while this one was silent: take the next task
         client.report(task_id="", status=hb.IDLE, cpu=rng.uniform(0.0, 0.05))
-        await asyncio.sleep(client.interval * rng.randint(1, 3))
+        if pending is None:
+            await asyncio.sleep(client.interval * rng.randint(1, 3))
 
 
 async def run_demo(

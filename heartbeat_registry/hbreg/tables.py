@@ -65,3 +65,21 @@ def task(t: Mapping[str, Any]) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["at_ms"] / 1000))
         lines.append(f"{when:<20} {c['epoch']:>5} {c['what']:<20} {c['agent']:<24} {c['why']}")
     return "\n".join(lines)
+
+
+def alerts(found: Mapping[str, Any]) -> str:
+    lines = [f"{'FIRING':<20} {'SINCE':<20} LABELS"]
+    for a in found["firing"]:
+        labels = dict(a.get("labels", {}))
+        name = labels.pop("alertname", "?")
+        state = a.get("status", {}).get("state", "")
+        shown = " ".join(f"{k}={v}" for k, v in sorted(labels.items()))
+        lines.append(
+            f"{name:<20} {a.get('startsAt', '')[:19]:<20} {shown}" + (f" ({state})" if state != "active" else "")
+        )
+    lines += ["", f"{'NOTIFIED':<20} {'STATUS':<9} {'ALERTS':>6} GROUP"]
+    for n in found["notifications"]:
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(n.get("received_ms", 0) / 1000))
+        group = " ".join(f"{k}={v}" for k, v in sorted(n.get("groupLabels", {}).items()))
+        lines.append(f"{at:<20} {n.get('status', ''):<9} {len(n.get('alerts', [])):>6} {group}")
+    return "\n".join(lines)

@@ -183,6 +183,15 @@ async def up(settings: Settings, demo: int = 0, demo_stall_fraction: float = 0.1
         broker = services.broker_kind()
         if broker == "tansu":
             console.say(f"hbreg: using the Tansu broker instead of Apache Kafka: {services.why_not_kafka()}")
+    embedded_alertmanager = settings.alertmanager_url is None and services.alertmanager_binary() is not None
+    if embedded_alertmanager:
+        changes["alertmanager_url"] = f"http://127.0.0.1:{services.free_port()}"
+    alerts_on = embedded_alertmanager or settings.alertmanager_url is not None
+    if not alerts_on:
+        console.say(
+            "hbreg: alerts are off: Alertmanager is not installed (`make install` installs Debian's "
+            "prometheus-alertmanager) and HBREG_ALERTMANAGER_URL is not set"
+        )
     if settings.auth and settings.auth_secret is None and settings.auth_secret_file is None:
         changes["auth_secret_file"] = state.ensure_secret(settings.state_dir)
     settings = dataclasses.replace(settings, **changes)  # type: ignore[arg-type]
@@ -201,6 +210,9 @@ async def up(settings: Settings, demo: int = 0, demo_stall_fraction: float = 0.1
         if embedded_kafka:
             child = await sup.start("kafka", _argv(procs["kafka"]))
             await sup.wait_ready(child, kafka_bootstrap, broker)
+        if embedded_alertmanager:
+            child = await sup.start("alertmanager", _argv(procs["alertmanager"]))
+            await sup.wait_ready(child, (settings.alertmanager_url or "").removeprefix("http://"), "alertmanager")
         ready = {  # where a process answers once it is up (others are only started)
             "ingest": settings.grpc_addr,
             "bridge": settings.bridge_metrics_addr,
@@ -208,8 +220,10 @@ async def up(settings: Settings, demo: int = 0, demo_stall_fraction: float = 0.1
             "query": settings.http_addr,
             "reassign": settings.reassign_metrics_addr,
             "assigner": settings.assigner_metrics_addr,
+            "alerter": settings.alerts_metrics_addr,
         }
-        skip = {"valkey", "kafka"} | (set() if settings.assigner else {"assigner"})
+        skip = {"valkey", "kafka", "alertmanager"}
+        skip |= (set() if settings.assigner else {"assigner"}) | (set() if alerts_on else {"alerter"})
         waits = []
         for name, command in procs.items():
             if name not in skip:
@@ -236,6 +250,7 @@ async def up(settings: Settings, demo: int = 0, demo_stall_fraction: float = 0.1
                 "kafka_bootstrap": settings.kafka_bootstrap,
                 "grpc_addr": settings.grpc_addr,
                 "http_addr": settings.http_addr,
+                "alertmanager_url": settings.alertmanager_url,
                 "auth_secret_file": str(settings.auth_secret_file) if settings.auth_secret_file else None,
                 "processes": {c.name: c.proc.pid for c in sup.children},
             },
@@ -255,6 +270,9 @@ async def up(settings: Settings, demo: int = 0, demo_stall_fraction: float = 0.1
             f"  query     http://{settings.http_addr}/api/agents",
             f"  reassign  metrics http://{settings.reassign_metrics_addr}/metrics",
             f"  assigner  {assigner_line}",
+            f"  alerts    {settings.alertmanager_url or 'off'}"
+            + (" (embedded alertmanager)" if embedded_alertmanager else "")
+            + "   hbreg alerts",
             f"  state     {state.path(settings.state_dir)}",
             "  events    hbreg events --follow --json",
         ]

@@ -3,8 +3,11 @@ partitions: the agents' current state and their window rows, tumbling or merged 
 
 from __future__ import annotations
 
+import json
+import logging
 from typing import Any
 
+import aiohttp
 import redis.asyncio as aioredis
 
 from heartbeat_registry.beats import now_ms
@@ -15,6 +18,9 @@ from heartbeat_registry.core.tasks import ASSIGNED, ORPHANED, RUNNING, TaskStore
 from heartbeat_registry.core.views import AgentView, PartitionClock, RegistryEntry, WindowRow
 from heartbeat_registry.core.windowstats import WindowStats
 from heartbeat_registry.pb import hb
+
+log = logging.getLogger(__name__)
+NOTIFICATIONS_KEPT = 1000
 
 
 class Query:
@@ -147,3 +153,29 @@ class Query:
                 recorded = {t["task_id"] for t in out}
                 out.extend(self._implicit(e) for t, e in (await self._reported()).items() if t not in recorded)
         return out[:limit]
+
+    async def record_notification(self, body: dict[str, Any]) -> None:
+        body = {**body, "received_ms": now_ms()}
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.lpush(self.names.alert_notifications, json.dumps(body))
+        pipe.ltrim(self.names.alert_notifications, 0, NOTIFICATIONS_KEPT - 1)
+        await pipe.execute()
+
+    async def notifications(self, limit: int) -> list[dict[str, Any]]:
+        """The notifications Alertmanager sent us, newest first."""
+        return [json.loads(n) for n in await self.redis.lrange(self.names.alert_notifications, 0, limit - 1)]
+
+    async def firing_alerts(self) -> list[dict[str, Any]]:
+        """The active alerts as Alertmanager reports them (the first member that answers), each with the
+        member it came from; empty when no Alertmanager is configured or none answers."""
+        urls = [u.strip().rstrip("/") for u in (self.settings.alertmanager_url or "").split(",") if u.strip()]
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as session:
+            for url in urls:
+                try:
+                    async with session.get(f"{url}/api/v2/alerts", params={"active": "true"}) as response:
+                        alerts = await response.json()
+                except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                    log.info("alertmanager member not answering", extra={"member": url, "error": repr(exc)})
+                    continue
+                return [{**a, "alertmanager": url} for a in alerts]
+        return []

@@ -6,6 +6,8 @@
   tumbling window (e.g. `60s`) gives hopping windows, merged from the tumbling ones
 - `GET /api/events?type=stall&since=T&agent=A&limit=N`: recent `agent-events`
 - `GET /api/tasks?state=orphaned`, `GET /api/tasks/{task_id}`: the task registry (owner, epoch, history)
+- `GET /api/alerts`: the alerts Alertmanager has firing and the notifications it sent us;
+  `POST /api/alertmanager/webhook`: the receiver of those notifications
 - `GET /healthz`, `GET /metrics`
 
 Times (`from`, `to`, `since`) are epoch milliseconds or a duration ago (`5m`). Liveness comes from the
@@ -138,6 +140,29 @@ def build_app(query: Query, events: EventLog) -> web.Application:
 
         return await answer("task", handler)
 
+    async def alertmanager_webhook(request: web.Request) -> web.Response:
+        """Alertmanager's webhook receiver: the notifications it actually sent (after grouping, inhibition
+        and silences), kept for `hbreg alerts` and the dashboard."""
+
+        async def handler() -> Body:
+            try:
+                body = await request.json()
+            except ValueError:
+                raise params.BadRequest("body: expected Alertmanager's webhook JSON") from None
+            if not isinstance(body, dict) or not isinstance(body.get("alerts"), list):
+                raise params.BadRequest("alerts: expected a list (Alertmanager's webhook payload)")
+            await query.record_notification(body)
+            return {"ok": True}
+
+        return await answer("alertmanager_webhook", handler)
+
+    async def list_alerts(request: web.Request) -> web.Response:
+        async def handler() -> Body:
+            limit = params.count(request, "limit", 100)
+            return {"firing": await query.firing_alerts(), "notifications": await query.notifications(limit)}
+
+        return await answer("alerts", handler)
+
     async def healthz(_: web.Request) -> web.Response:
         try:
             await asyncio.wait_for(query.redis.ping(), 1.0)
@@ -153,6 +178,8 @@ def build_app(query: Query, events: EventLog) -> web.Application:
     app.router.add_get("/api/events", list_events)
     app.router.add_get("/api/tasks", list_tasks)
     app.router.add_get("/api/tasks/{task_id}", one_task)
+    app.router.add_get("/api/alerts", list_alerts)
+    app.router.add_post("/api/alertmanager/webhook", alertmanager_webhook)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", health.metrics_response)
     return app

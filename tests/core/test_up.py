@@ -46,6 +46,7 @@ def up_env(tmp_path, **extra: str) -> dict[str, str]:
         HBREG_HTTP_ADDR=f"127.0.0.1:{services.free_port()}",
         HBREG_REASSIGN_METRICS_ADDR=f"127.0.0.1:{services.free_port()}",
         HBREG_ASSIGNER_METRICS_ADDR=f"127.0.0.1:{services.free_port()}",
+        HBREG_ALERTS_METRICS_ADDR=f"127.0.0.1:{services.free_port()}",
         HBREG_TOPIC_PARTITIONS="2",
         PYTHONUNBUFFERED="1",
     )
@@ -74,12 +75,14 @@ def test_up_runs_the_demo_and_stops_cleanly(tmp_path) -> None:
         assert set(state["processes"]) == {
             "valkey",
             "kafka",
+            "alertmanager",
             "ingest",
             "bridge",
             "worker",
             "query",
             "reassign",
             "assigner",
+            "alerter",
         }
 
         # a second terminal finds the running system through the state file
@@ -112,6 +115,8 @@ def test_up_runs_the_demo_and_stops_cleanly(tmp_path) -> None:
         past = [json.loads(line) for line in history.stdout.splitlines()]
         assert stall["event_id"] in {e["event_id"] for e in past}
         assert [e["detected_at_ms"] for e in past] == sorted(e["detected_at_ms"] for e in past)
+        alerts = hbreg("alerts", "--json", env=env)  # the embedded Alertmanager, through the query API
+        assert alerts.returncode == 0 and set(json.loads(alerts.stdout)) == {"firing", "notifications"}, alerts.stderr
         listed = hbreg("agents", "--json", env=env)
         assert listed.returncode == 0, listed.stderr
         agents = [json.loads(line) for line in listed.stdout.splitlines()]

@@ -97,12 +97,20 @@ def healthy(addr: str) -> bool:
 
 
 async def start_sink(settings: Settings, log, command: str = "reassign") -> subprocess.Popen:
-    """`hbreg reassign` (or `assigner`) as a process; returns once it answers healthy."""
+    """`hbreg reassign` (or `assigner`, `alerter`) as a process; returns once it answers healthy."""
     proc = procs.hbreg([command], settings, log)
-    addr = settings.reassign_metrics_addr if command == "reassign" else settings.assigner_metrics_addr
+    addr = {
+        "reassign": settings.reassign_metrics_addr,
+        "assigner": settings.assigner_metrics_addr,
+        "alerter": settings.alerts_metrics_addr,
+    }[command]
     deadline = time.monotonic() + 60
-    while not healthy(addr):
-        assert proc.poll() is None, f"{command} exited with {proc.returncode}: {log.read_text()[-2000:]}"
-        assert time.monotonic() < deadline, f"{command} not healthy within 60 s"
-        await asyncio.sleep(0.2)
+    try:
+        while not healthy(addr):
+            assert proc.poll() is None, f"{command} exited with {proc.returncode}: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"{command} not healthy within 60 s"
+            await asyncio.sleep(0.2)
+    except BaseException:
+        procs.stop(proc)
+        raise
     return proc

@@ -116,6 +116,7 @@ def isolated(base: Settings, tag: str, **changes: Any) -> Settings:
         worker_web_addr=f"127.0.0.1:{services.free_port()}",
         reassign_metrics_addr=f"127.0.0.1:{services.free_port()}",
         assigner_metrics_addr=f"127.0.0.1:{services.free_port()}",
+        alerts_metrics_addr=f"127.0.0.1:{services.free_port()}",
         rate_limit=1000.0,
         rate_burst=1000.0,
         **changes,
