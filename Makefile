@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 KAFKA_VERSION := $(shell sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' infra/kafka/pom.xml)
 KAFKA_JAR := .cache/kafka/$(KAFKA_VERSION)/libs/kafka_2.13-$(KAFKA_VERSION).jar
 
-.PHONY: install run test unit lint proto bench clean kafka-jars alerting-tools
+.PHONY: install run test unit lint proto bench clean kafka-jars alerting-tools browser-tools vendor
 
 install: $(VENV)/.installed kafka-jars alerting-tools
 
@@ -42,6 +42,18 @@ alerting-tools:
 		echo "Alertmanager, amtool or promtool not found (not root, or no apt-get): hbreg up runs without alerts"; \
 	fi
 
+# Debian's Chromium for the dashboard's browser tests and `hbreg bench dashboard`, driven by Playwright for
+# Python (the pip package, in the test extras) through its executable path: no browser download
+browser-tools:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's chromium (the dashboard's browser tests)"; \
+		{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+			chromium >/dev/null; } || echo "could not install chromium: the browser tests will say so"; \
+	else \
+		echo "/usr/bin/chromium not found (not root, or no apt-get): the browser tests will say so"; \
+	fi
+
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	@touch $@
@@ -49,7 +61,7 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 run: install
 	$(BIN)/hbreg up --demo 20
 
-test: install $(VENV)/.installed-test lint
+test: install browser-tools $(VENV)/.installed-test lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # the tests of pure logic only: no Valkey, no Kafka (seconds)
@@ -62,7 +74,7 @@ lint: $(VENV)/.installed-test
 	$(BIN)/mypy
 
 # redis-benchmark (Debian's redis-tools) measures the XADD ceiling the ingest is compared with
-bench: install
+bench: install browser-tools $(VENV)/.installed-test
 	@command -v redis-benchmark >/dev/null || command -v valkey-benchmark >/dev/null || \
 		{ [ "$$(id -u)" = 0 ] && apt-get install -y -q redis-tools >/dev/null; } || \
 		echo "redis-benchmark not found: the XADD ceiling is left out"
@@ -70,6 +82,23 @@ bench: install
 
 proto: $(VENV)/.installed-test
 	$(BIN)/python proto/generate.py
+
+# refetch the vendored front-end libraries (sinks/web/static/vendor/VENDOR.md): the versions named there, from npm
+VENDOR := sinks/web/static/vendor
+UPLOT_VERSION := 1.6.32
+VIRTUAL_CORE_VERSION := 3.19.11
+AXE_VERSION := 4.14.1
+vendor:
+	rm -rf .cache/npm && mkdir -p .cache/npm
+	cd .cache/npm && npm pack --silent uplot@$(UPLOT_VERSION) @tanstack/virtual-core@$(VIRTUAL_CORE_VERSION) \
+		axe-core@$(AXE_VERSION) >/dev/null && for t in *.tgz; do mkdir "$${t%.tgz}" && tar -xzf "$$t" -C "$${t%.tgz}"; done
+	cp .cache/npm/uplot-*/package/dist/uPlot.esm.js .cache/npm/uplot-*/package/dist/uPlot.min.css \
+		.cache/npm/uplot-*/package/LICENSE $(VENDOR)/uplot/
+	rm -f $(VENDOR)/virtual-core/*.js
+	cp .cache/npm/tanstack-virtual-core-*/package/dist/esm/*.js .cache/npm/tanstack-virtual-core-*/package/LICENSE \
+		$(VENDOR)/virtual-core/
+	sed -i -e 's/process\.env\.NODE_ENV/"production"/g' -e '/^\/\/# sourceMappingURL=/d' $(VENDOR)/virtual-core/*.js
+	cp .cache/npm/axe-core-*/package/axe.min.js .cache/npm/axe-core-*/package/LICENSE tests/browser/vendor/
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .hypothesis

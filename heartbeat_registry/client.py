@@ -397,6 +397,9 @@ class AsyncHeartbeatClient:
                         await self._stream(stub)
                     else:
                         await self._unary(stub)
+                if self._closing:
+                    return
+                problem = "the ingest ended the stream"  # a draining ingest: reconnect, to another if there is one
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.UNIMPLEMENTED and self.use_stream:
                     self.use_stream = False  # an ingest (or proxy) without streams: unary Beat instead

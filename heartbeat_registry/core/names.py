@@ -76,6 +76,11 @@ class Names:
         return f"{self.key_prefix}:q:win:{partition}:{window_start}"
 
     @property
+    def query_timeline(self) -> str:
+        """Zset of the fleet's state counts every 10 s over the last hour (JSON [time, counts...])."""
+        return f"{self.key_prefix}:q:timeline"
+
+    @property
     def query_clock(self) -> str:
         """Hash partition -> that partition's clock at its last publish (core.views.PartitionClock)."""
         return f"{self.key_prefix}:q:clock"

@@ -191,7 +191,12 @@ class Settings:
     max_message_bytes: int = _field(4 * 1024 * 1024, "count", "largest gRPC request accepted")
     max_clock_skew: float = _field(3600.0, "seconds", "agent timestamps further off the server clock are refused")
     max_pending: int = _field(200_000, "count", "heartbeats waiting for Redis before the ingest refuses more")
-    http_addr: str = _field("127.0.0.1:8080", "address", "the query API (HTTP, JSON)")
+    http_addr: str = _field("127.0.0.1:8080", "address", "the query API and the dashboard (HTTP)")
+    http_auth: str | None = _field(
+        None,
+        "text",
+        "USER:PASSWORD for the HTTP side (Basic, or the password as a Bearer token); required off localhost",
+    )
     phi_threshold: float = _field(8.0, "positive", "phi at which a silent agent is stalled (before the hard timeout)")
     phi_suspect: float = _field(3.0, "positive", "phi from which an alive agent is reported `suspect`")
     acceptable_pause: float = _field(3.0, "seconds", "pause added to an agent's mean beat interval in the phi model")

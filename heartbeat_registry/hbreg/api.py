@@ -3,6 +3,7 @@ failure (a refused parameter, an unknown agent, nothing listening) as one clear 
 
 from __future__ import annotations
 
+import base64
 import json
 import urllib.error
 import urllib.parse
@@ -18,7 +19,11 @@ def get(settings: Settings, path: str, **params: object) -> dict[str, Any]:
     query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
     url = f"http://{settings.http_addr}{path}" + (f"?{query}" if query else "")
     try:
-        with urllib.request.urlopen(url, timeout=30) as response:
+        request = urllib.request.Request(url)
+        if settings.http_auth is not None:  # the API asks for it when bound beyond localhost
+            token = base64.b64encode(settings.http_auth.encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        with urllib.request.urlopen(request, timeout=30) as response:
             body: dict[str, Any] = json.load(response)
             return body
     except urllib.error.HTTPError as exc:

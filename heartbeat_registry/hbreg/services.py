@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
 import os
 import pathlib
 import re
@@ -227,6 +228,7 @@ def tansu_command(port: int) -> list[str]:
 
 ALERTMANAGER_CONFIG = PROJECT_ROOT / "infra" / "alertmanager" / "alertmanager.yml"
 DEFAULT_WEBHOOK_ADDR = "127.0.0.1:8080"
+WEBHOOK_LINE = "        send_resolved: true\n"  # the hbreg-webhook receiver's last line
 
 
 def alertmanager_binary() -> str | None:
@@ -234,15 +236,23 @@ def alertmanager_binary() -> str | None:
     return shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 
 
-def alertmanager_command(port: int, data_dir: pathlib.Path, http_addr: str) -> list[str]:
+def alertmanager_command(port: int, data_dir: pathlib.Path, http_addr: str, http_auth: str | None = None) -> list[str]:
     """Alertmanager on `port` with infra/alertmanager/alertmanager.yml, its webhook pointed at the query API
-    of this run (`http_addr`), its storage under `data_dir`, no cluster gossip (one member)."""
+    of this run (`http_addr`, with its credentials when it requires them), its storage under `data_dir`, no
+    cluster gossip (one member)."""
     binary = alertmanager_binary()
     if binary is None:
         raise ServiceError("Alertmanager is not installed: run `make install` (Debian's prometheus-alertmanager)")
     data_dir.mkdir(parents=True, exist_ok=True)
+    text = ALERTMANAGER_CONFIG.read_text().replace(DEFAULT_WEBHOOK_ADDR, http_addr)
+    if http_auth is not None:
+        user, _, password = http_auth.partition(":")
+        credentials = f"basic_auth: {{username: {json.dumps(user)}, password: {json.dumps(password)}}}"
+        text = text.replace(WEBHOOK_LINE, f"{WEBHOOK_LINE}        http_config: {{{credentials}}}\n", 1)
     config = data_dir / "alertmanager.yml"
-    config.write_text(ALERTMANAGER_CONFIG.read_text().replace(DEFAULT_WEBHOOK_ADDR, http_addr))
+    config.touch(mode=0o600)
+    config.chmod(0o600)  # before it holds the API's password
+    config.write_text(text)
     return [
         binary,
         f"--config.file={config}",
@@ -266,7 +276,7 @@ def run(service: str, settings: Settings) -> int:
     run_dir = pathlib.Path(os.environ.get("HBREG_RUN_DIR") or settings.state_dir / "run")
     if service == "alertmanager":
         port = _port(settings.alertmanager_url, "HBREG_ALERTMANAGER_URL")
-        cmd = alertmanager_command(port, run_dir / "alertmanager", settings.http_addr)
+        cmd = alertmanager_command(port, run_dir / "alertmanager", settings.http_addr, settings.http_auth)
     elif service == "valkey":
         port = _port(settings.redis_url, "HBREG_REDIS_URL")
         # durable: the append-only file lives beside the state file and survives restarts of `hbreg up`

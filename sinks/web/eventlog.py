@@ -22,6 +22,7 @@ class EventLog:
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENT_MEMORY)
         self.running = False  # caught up with the history and following
         self._next: dict[int, int] = {}  # partition -> next offset, to resume exactly after a failure
+        self.appended = 0  # events appended so far (the deque drops the oldest): readers follow by it
 
     async def run(self) -> None:
         """Read until cancelled; a failure (Kafka gone) is logged and the reading starts over."""
@@ -36,12 +37,16 @@ class EventLog:
     async def _read(self) -> None:
         async with EventReader(self._bootstrap, self._topic) as reader:
             await reader.seek(now_ms() - HISTORY_MS, offsets=self._next)
-            self.events.extend(event_json(e) for e in await reader.history())
+            self._append(await reader.history())
             self._next = await reader.positions()
             self.running = True
             while True:
-                self.events.extend(event_json(e) for e in await reader.fetch())
+                self._append(await reader.fetch())
                 self._next = await reader.positions()
+
+    def _append(self, events: list[Any]) -> None:
+        self.events.extend(event_json(e) for e in events)
+        self.appended += len(events)
 
     def select(self, kind: str | None, since: int, agent_id: str | None, limit: int) -> list[dict[str, Any]]:
         """The newest `limit` events of that type, since then, concerning that agent: the last day's in time

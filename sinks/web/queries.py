@@ -32,7 +32,8 @@ class Query:
         self.timeout_ms = int(settings.stall_timeout * 1000)
         self.tasks_store = TaskStore(client, self.names)
 
-    async def _clocks(self) -> dict[int, int]:
+    async def clocks(self) -> dict[int, int]:
+        """partition -> its pipeline clock (watermark) as the workers last published it."""
         raw = await self.redis.hgetall(self.names.query_clock)
         return {int(k): PartitionClock.decode(v).watermark for k, v in raw.items()}
 
@@ -55,7 +56,7 @@ class Query:
         latest = {
             k.decode(): RegistryEntry.decode(k.decode(), v) for reply in replies[partitions:] for k, v in reply.items()
         }
-        clocks = await self._clocks()
+        clocks = await self.clocks()
         out = [self._agent(a, views.get(a), latest.get(a), clocks) for a in sorted(views.keys() | latest.keys())]
         return [a for a in out if state is None or a["state"] == state]
 
@@ -70,7 +71,7 @@ class Query:
             agent_id,
             AgentView.decode(view) if view is not None else None,
             RegistryEntry.decode(agent_id, raw) if raw is not None else None,
-            await self._clocks(),
+            await self.clocks(),
         )
 
     async def _tumbling(self, agent_id: str, start: int, end: int) -> list[tuple[WindowRow, bool]]:
@@ -179,3 +180,29 @@ class Query:
                     continue
                 return [{**a, "alertmanager": url} for a in alerts]
         return []
+
+    async def cpu_trends(self, agents: list[str], count: int) -> dict[str, list[float | None]]:
+        """agent -> its CPU mean in each of the last `count` windows (None where it did not beat)."""
+        now = now_ms()
+        last = now - now % self.window_ms
+        starts = [last - i * self.window_ms for i in range(count - 1, -1, -1)]
+        pipe = self.redis.pipeline(transaction=False)
+        for agent in agents:
+            partition = partition_of(agent, self.settings.topic_partitions)
+            for start in starts:
+                pipe.hget(self.names.query_windows(partition, start), agent)
+                pipe.hget(self.names.query_open(partition, start), agent)
+        replies = iter(await pipe.execute())
+        out: dict[str, list[float | None]] = {}
+        for agent in agents:
+            means: list[float | None] = []
+            for start in starts:
+                closed, opened = next(replies), next(replies)
+                if closed is not None:
+                    means.append(WindowRow.decode(closed).stats.cpu_mean())
+                elif opened is not None:
+                    means.append(WindowRow.decode_open(opened, start, start + self.window_ms).stats.cpu_mean())
+                else:
+                    means.append(None)
+            out[agent] = means
+        return out

@@ -35,8 +35,10 @@ from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.core.shapes import EVENT_TYPES
 from heartbeat_registry.core.tasks import TASK_STATES
 from heartbeat_registry.core.views import STATES
-from sinks.web import params
+from sinks.web import dashboard, params
 from sinks.web.eventlog import EventLog
+from sinks.web.live import Live
+from sinks.web.pipeline_health import PipelineHealth
 from sinks.web.queries import Query
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,7 @@ async def json_errors(
         )
 
 
-def build_app(query: Query, events: EventLog) -> web.Application:
+def build_app(query: Query, events: EventLog, live: Live) -> web.Application:
     async def answer(endpoint: str, handler: Callable[[], Awaitable[Body]]) -> web.Response:
         try:
             status, body = 200, await handler()
@@ -171,7 +173,7 @@ def build_app(query: Query, events: EventLog) -> web.Application:
             ok = False
         return web.json_response({"ok": ok, "events_reader": events.running}, status=200 if ok else 503)
 
-    app = web.Application(middlewares=[json_errors])
+    app = web.Application(middlewares=[*dashboard.middlewares(query.settings), json_errors])  # type: ignore[list-item]
     app.router.add_get("/api/agents", list_agents)
     app.router.add_get("/api/agents/{agent_id}", one_agent)
     app.router.add_get("/api/windows", list_windows)
@@ -182,6 +184,7 @@ def build_app(query: Query, events: EventLog) -> web.Application:
     app.router.add_post("/api/alertmanager/webhook", alertmanager_webhook)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", health.metrics_response)
+    dashboard.add_routes(app, query, live)
     return app
 
 
@@ -191,26 +194,33 @@ class QueryServer:
     def __init__(self, settings: Settings) -> None:
         settings.require("redis_url", "kafka_bootstrap")
         assert settings.redis_url is not None and settings.kafka_bootstrap is not None
+        dashboard.check_auth_setting(settings)
         self.settings = settings
         self.redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=5.0)
         self.query = Query(settings, self.redis)
         self.events = EventLog(settings.kafka_bootstrap, Names.of(settings).events_topic)
+        self.live = Live(self.query, self.events, PipelineHealth(settings))
         self._runner: web.AppRunner | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        self._reader = asyncio.create_task(self.events.run(), name="events-reader")
-        self._runner = web.AppRunner(build_app(self.query, self.events), access_log=None)
+        self._tasks = [
+            asyncio.create_task(self.events.run(), name="events-reader"),
+            asyncio.create_task(self.live.run(), name="live-updates"),
+        ]
+        self._runner = web.AppRunner(build_app(self.query, self.events, self.live), access_log=None)
         await self._runner.setup()
         host, _, port = self.settings.http_addr.rpartition(":")
         await web.TCPSite(self._runner, host, int(port)).start()
 
     async def stop(self) -> None:
+        self.live.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._runner:
             await self._runner.cleanup()
-        if self._reader:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+            self._runner = None
         await self.redis.aclose()
 
 

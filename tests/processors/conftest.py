@@ -60,6 +60,7 @@ async def running_pipeline(
         for worker in pipeline.workers if pipeline else []:
             procs.stop(worker)
         procs.stop(bridge)
+        server = pipeline.query if pipeline else server  # a test may have replaced it
         if server is not None:
             await server.stop()
         await ingest.stop()

@@ -1,0 +1,195 @@
+"""The Monitor Dashboard in a real browser (Debian's Chromium), over the real pipeline: ingest (in-process),
+Valkey, bridge, Kafka, worker and reassignment sink (processes), the query API serving the page."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import urllib.request
+
+import pytest
+import redis.asyncio as aioredis
+
+from heartbeat_registry.beats import now_ms
+from heartbeat_registry.core.names import Names, partition_of
+from heartbeat_registry.core.settings import Settings
+from heartbeat_registry.hbreg.simulate import Fleet
+from heartbeat_registry.pb import hb
+from sinks.web.server import QueryServer
+from tests import procs
+from tests.browser.conftest import Page
+from tests.processors.conftest import running_pipeline
+from tests.sinks.conftest import start_sink
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+
+def row(page: Page, agent: str):  # noqa: ANN201 - a Playwright locator
+    return page.page.locator("#fleet-body .row", has=page.page.locator(f"a:text-is('{agent}')"))
+
+
+async def state_of(page: Page, agent: str) -> str:
+    found = row(page, agent)
+    if await found.count() == 0:
+        return ""
+    return (await found.locator(".state").inner_text()).split(" ")[0]
+
+
+async def wait_for(check, timeout: float, every: float = 0.05) -> float:  # noqa: ANN001
+    """Seconds until `check()` (async) is true; fails after `timeout`."""
+    started = time.monotonic()
+    while not await check():
+        assert time.monotonic() - started < timeout, "not in time"
+        await asyncio.sleep(every)
+    return time.monotonic() - started
+
+
+async def test_the_fleet_live_in_a_browser(pipeline_settings: Settings, tmp_path, page: Page) -> None:
+    settings = dataclasses.replace(pipeline_settings, stall_timeout=2.0)
+    async with running_pipeline(settings, tmp_path, query=True) as pipeline:
+        sink = await start_sink(settings, tmp_path / "reassign.log")
+        agents = [f"web-{i:03d}" for i in range(200)]
+        fleet = Fleet(settings.grpc_addr, agents, interval=0.5, jitter=0.2)
+        try:
+            await fleet.start()
+            await asyncio.sleep(4)
+            url = f"http://{settings.http_addr}"
+            headers = await asyncio.to_thread(response_headers, url + "/")  # the page's own security headers
+            assert "script-src 'self'" in headers["Content-Security-Policy"]
+            assert "unsafe-inline" not in headers["Content-Security-Policy"]
+            assert headers["X-Frame-Options"] == "DENY"
+            await page.page.goto(url + "/")
+            await wait_for(lambda: page.page.locator("#fleet-body .row").count(), 5)
+            alive = page.page.locator("#counts .s-alive b")
+            await wait_for(lambda: _text_is(alive, "200"), 10)
+            assert await page.page.locator("#fleet-body .row").count() < 60, "rendered more rows than are in view"
+            await page.screenshot("fleet-200-agents.png")
+
+            # an agent killed now turns stalled on the page without a reload, within the timeout + 1 s
+            victim = "web-150"
+            await fleet.kill(victim)
+            killed = time.monotonic()
+            await wait_for(lambda: _state_is(page, victim, "stalled"), settings.stall_timeout + 5)
+            took = time.monotonic() - killed
+            assert took <= settings.stall_timeout + 0.5 + 1.0, f"stalled on screen {took:.2f} s after the kill"
+            reassigned = page.page.locator("#events li", has_text=f"reassigned: {victim}-task")
+            await wait_for(lambda: reassigned.count(), 5)
+            await fleet.revive(victim)
+            await wait_for(lambda: _state_in(page, victim, ("recovered", "alive")), 10)
+
+            # filter, find, sort, then an agent page and a task page, with clicks
+            await page.page.select_option("#state-filter", "problems")
+            await page.page.fill("#text-filter", "web-15")
+            shown = await page.page.locator("#fleet-body .row .state").all_inner_texts()
+            assert all(s.split(" ")[0] in ("stalled", "suspect", "recovered") for s in shown)
+            await page.page.select_option("#state-filter", "")
+            await page.page.fill("#text-filter", "web-01")
+            await wait_for(lambda: _count_is(page.page.locator("#fleet-body .row"), 10), 3)
+            await page.page.click("button[aria-label='sort by Agent']")
+            await page.page.click("button[aria-label='sort by Agent']")  # descending
+            first = await page.page.locator("#fleet-body .row a").first.inner_text()
+            assert first == "web-019", first
+            await page.page.click("#fleet-body a:text-is('web-015')")
+            await page.page.wait_for_url("**/agents/web-015")
+            await page.page.locator("#agent-cpu canvas").first.wait_for()
+            assert await page.page.locator("h2", has_text="Agent web-015").count() == 1
+            await page.screenshot("agent-page.png")
+            assert await page.accessibility_violations() == []
+            await page.page.click("a:text-is('web-015-task')")
+            await page.page.wait_for_url("**/tasks/web-015-task")
+            await page.page.locator("#task-view table.plain tr td").first.wait_for()
+            assert await page.accessibility_violations() == []
+            await page.page.go_back()
+            await page.page.go_back()
+            await page.page.fill("#text-filter", "")
+            assert await page.accessibility_violations() == []
+
+            # the server goes away: a banner; it comes back: live again without a reload
+            await pipeline.query.stop()
+            await wait_for(lambda: page.page.locator("#banner").is_visible(), 5)
+            pipeline.query = QueryServer(settings)
+            await pipeline.query.start()
+            await wait_for(lambda: page.page.locator("#banner").is_hidden(), 10)
+            await fleet.kill("web-160")
+            await wait_for(lambda: _state_is(page, "web-160", "stalled"), settings.stall_timeout + 5)
+        finally:
+            await fleet.stop()
+            procs.stop(sink)
+    unexpected = [e for e in page.errors if "api/stream" not in e and "ERR_CONNECTION_REFUSED" not in e]
+    assert unexpected == [], unexpected  # the stream's own errors while the server was away are expected
+
+
+def response_headers(url: str) -> dict[str, str]:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return dict(response.headers)
+
+
+async def _text_is(locator, text: str) -> bool:  # noqa: ANN001
+    return (await locator.inner_text()) == text
+
+
+async def _count_is(locator, count: int) -> bool:  # noqa: ANN001
+    return await locator.count() == count
+
+
+async def _state_is(page: Page, agent: str, state: str) -> bool:
+    await page.page.fill("#text-filter", agent)
+    return await state_of(page, agent) == state
+
+
+async def _state_in(page: Page, agent: str, states: tuple[str, ...]) -> bool:
+    await page.page.fill("#text-filter", agent)
+    return await state_of(page, agent) in states
+
+
+async def write_registry(settings: Settings, count: int) -> None:
+    """`count` agents in the ingest's registry, as its WRITE_SHARD stores them (alive: beating now)."""
+    client = aioredis.Redis.from_url(settings.redis_url)
+    names = Names.of(settings)
+    now = now_ms()
+    try:
+        pipe = client.pipeline(transaction=False)
+        for i in range(count):
+            agent = f"big-{i:05d}"
+            shard = partition_of(agent, names.shards)
+            pipe.hset(names.latest(shard), agent, f"{now} {hb.RUNNING} {(i % 90) * 10} {now} - {agent}-task")
+        await pipe.execute()
+    finally:
+        await client.aclose()
+
+
+async def test_ten_thousand_agents_render_in_under_2_s_and_scroll_smoothly(
+    settings: Settings, kafka_bootstrap: str, page: Page
+) -> None:
+    settings = dataclasses.replace(settings, kafka_bootstrap=kafka_bootstrap, stall_timeout=600.0)
+    await write_registry(settings, 10_000)
+    server = QueryServer(settings)
+    await server.start()
+    try:
+        await asyncio.sleep(1.0)  # the broadcaster's first read
+        started = time.monotonic()
+        await page.page.goto(f"http://{settings.http_addr}/")
+        await page.page.wait_for_function("document.getElementById('fleet-count').textContent.startsWith('10000 of')")
+        first_render = time.monotonic() - started
+        assert first_render < 2.0, f"first render took {first_render:.2f} s"
+        assert await page.page.locator("#fleet-body .row").count() < 60
+        frames = await page.page.evaluate("""async () => {
+            const scroller = document.getElementById('fleet-scroll');
+            const times = [];
+            let last = performance.now();
+            for (let i = 0; i < 120; i++) {
+                scroller.scrollTop += 2500;
+                await new Promise(requestAnimationFrame);
+                const now = performance.now();
+                times.push(now - last);
+                last = now;
+            }
+            times.sort((a, b) => a - b);
+            return {p50: times[60], p95: times[114], max: times[119]};
+        }""")
+        assert frames["p95"] < 50, f"scrolling frame times {frames}"
+        assert await page.page.locator("#fleet-body .row").count() < 60
+    finally:
+        await server.stop()
+    assert page.errors == [], page.errors
