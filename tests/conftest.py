@@ -7,11 +7,13 @@ optional binary (Tansu) fails the run when CI=true.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import subprocess
+import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -104,3 +106,34 @@ def pipeline_settings(settings: Settings, kafka_bootstrap: str) -> Settings:
     return dataclasses.replace(
         settings, kafka_bootstrap=kafka_bootstrap, topic_partitions=4, stream_shards=4, stall_timeout=2.0
     )
+
+
+def awaiting(coro: object) -> list[str]:
+    """Where a coroutine waits: its chain of awaits, outermost first."""
+    chain = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            chain.append(f"{frame.f_code.co_name} ({frame.f_code.co_filename.rpartition('/')[2]}:{frame.f_lineno})")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return chain
+
+
+@pytest.fixture(autouse=True)
+async def hung_test_report(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """A test still running shortly before pytest-timeout stops it prints where each of its coroutines
+    waits: the timeout's own traceback shows only the event loop's select()."""
+    marker = request.node.get_closest_marker("timeout")
+    limit = float(marker.args[0]) if marker and marker.args else float(request.config.getini("timeout") or 0)
+
+    async def report() -> None:
+        await asyncio.sleep(max(1.0, limit - 15))
+        print(f"\n--- {request.node.nodeid} still running after {limit - 15:.0f} s; its coroutines:", file=sys.stderr)
+        for task in asyncio.all_tasks():
+            if task is not asyncio.current_task():
+                print(f"  {task.get_name()}: {' -> '.join(awaiting(task.get_coro()))}", file=sys.stderr)
+
+    watchdog = asyncio.create_task(report()) if limit > 15 else None
+    yield
+    if watchdog is not None:
+        watchdog.cancel()

@@ -117,7 +117,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from heartbeat_registry.hbreg import tables
 
     exit_on_sigterm()
-    duration = args.duration or {"ingest": 10.0, "pipeline": 20.0, "detection": 60.0, "recovery": 0.0}[args.suite]
+    duration = args.duration or {"ingest": 10.0, "pipeline": 20.0, "detection": 60.0}.get(args.suite, 0.0)
     if args.suite == "ingest":
         from heartbeat_registry.hbreg.bench import ingest
 
@@ -133,11 +133,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.suite == "detection":
         from heartbeat_registry.hbreg.bench import detection
 
-        results = detection.run(args.agents, duration, args.redis_url, args.kafka_bootstrap)
-    else:
+        results = detection.run(args.agents or 1000, duration, args.redis_url, args.kafka_bootstrap)
+    elif args.suite == "recovery":
         from heartbeat_registry.hbreg.bench import recovery
 
         results = recovery.run(args.stalls, args.kills, args.redis_url, args.kafka_bootstrap)
+    else:
+        from heartbeat_registry.hbreg.bench import dashboard
+
+        results = dashboard.run(args.agents or 10_000, args.changes, args.redis_url, args.kafka_bootstrap)
     print(json.dumps(results) if args.json else tables.bench(results))
     return 0
 
@@ -348,11 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
         "suite",
         nargs="?",
         default="ingest",
-        choices=("ingest", "pipeline", "detection", "recovery"),
+        choices=("ingest", "pipeline", "detection", "recovery", "dashboard"),
         help="what to benchmark (default: ingest)",
     )
     p.add_argument("--heartbeats", type=_arg("count"), default=1_000_000, help="pipeline: backlog size")
-    p.add_argument("--agents", type=_arg("count"), default=1000, help="detection: fleet size")
+    p.add_argument(
+        "--agents", type=_arg("count"), default=None, help="detection: fleet size (default 1000); dashboard: (10000)"
+    )
+    p.add_argument("--changes", type=_arg("count"), default=1000, help="dashboard: agents turning stalled, timed")
     p.add_argument("--stalls", type=_arg("count"), default=20_000, help="recovery: the sink's backlog of stall events")
     p.add_argument("--kills", type=_arg("count"), default=40, help="recovery: owners killed in the live phase")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -267,7 +267,7 @@ async def up(settings: Settings, demo: int = 0, demo_stall_fraction: float = 0.1
             f"  ingest    grpc {settings.grpc_addr}   metrics http://{settings.ingest_metrics_addr}/metrics",
             f"  bridge    metrics http://{settings.bridge_metrics_addr}/metrics",
             f"  worker    metrics http://{settings.worker_web_addr}/metrics",
-            f"  query     http://{settings.http_addr}/api/agents",
+            f"  dashboard http://{settings.http_addr}/   (query API: http://{settings.http_addr}/api/agents)",
             f"  reassign  metrics http://{settings.reassign_metrics_addr}/metrics",
             f"  assigner  {assigner_line}",
             f"  alerts    {settings.alertmanager_url or 'off'}"

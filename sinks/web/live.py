@@ -37,6 +37,7 @@ TICKS = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 PAGES = Gauge("hbreg_dashboard_pages", "Dashboard pages connected to the live stream")
+AGENTS = Gauge("hbreg_dashboard_agents", "Agents by state, as the dashboard's header counts them", ["state"])
 TICK_S = 0.5
 IDLE_TICK_S = 10.0  # with no page open: only the timeline is sampled
 HEALTH_S = 2.0
@@ -82,6 +83,7 @@ class Live:
         self._next_timeline = 0.0
         self._primed = False
         self._page_opened = asyncio.Event()
+        self.tick_seconds: collections.deque[float] = collections.deque(maxlen=1000)  # recent, for benchmarks
 
     # --- pages --------------------------------------------------------------------------------
 
@@ -141,7 +143,8 @@ class Live:
                 await self.tick()
             except Exception as exc:  # Redis or Kafka away: the pages keep what they have
                 log.warning("live update failed", extra={"error": repr(exc)})
-            TICKS.observe(time.monotonic() - started)
+            self.tick_seconds.append(time.monotonic() - started)
+            TICKS.observe(self.tick_seconds[-1])
             PAGES.set(len(self.pages))
             pause = TICK_S if self.pages or not self._primed else IDLE_TICK_S
             self._page_opened.clear()
@@ -276,6 +279,8 @@ class Live:
 
     async def _timeline(self) -> None:
         counts = collections.Counter(row[0] for row in self.rows.values())
+        for state in STATES:
+            AGENTS.labels(state).set(counts.get(state, 0))
         orphaned = sum(1 for state, _, _ in self._tasks.values() if state == ORPHANED)
         at = now_ms() // 10_000 * 10_000
         point = [at, *(counts.get(s, 0) for s in STATES), orphaned]

@@ -11,19 +11,9 @@ from typing import Any
 
 import pytest
 
+from heartbeat_registry.hbreg.bench.dashboard import CHROMIUM, CHROMIUM_ARGS
 from tests.conftest import require_binary
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ARTIFACTS = pathlib.Path(os.environ.get("HBREG_ARTIFACTS", pathlib.Path(__file__).resolve().parents[1] / "artifacts"))
 AXE = pathlib.Path(__file__).resolve().parent / "vendor" / "axe.min.js"
 
@@ -37,7 +27,7 @@ async def browser() -> AsyncIterator[Any]:
         require_binary(False, "playwright (the Python package; make test installs it)")
         raise
     async with async_playwright() as playwright:
-        chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             yield chromium
         finally:

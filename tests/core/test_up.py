@@ -12,6 +12,7 @@ import time
 import pytest
 
 from heartbeat_registry.hbreg import services
+from tests.infra.test_grafana import exported_metrics, queried_metrics
 
 pytestmark = pytest.mark.kafka
 
@@ -32,6 +33,16 @@ def hbreg(*args: str, env: dict, timeout: float = 30) -> subprocess.CompletedPro
     return subprocess.run(
         [sys.executable, "-m", "heartbeat_registry", *args], env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+METRICS_ADDRS = (
+    "INGEST_METRICS_ADDR",
+    "BRIDGE_METRICS_ADDR",
+    "HTTP_ADDR",
+    "REASSIGN_METRICS_ADDR",
+    "ASSIGNER_METRICS_ADDR",
+    "ALERTS_METRICS_ADDR",
+)
 
 
 def up_env(tmp_path, **extra: str) -> dict[str, str]:
@@ -123,6 +134,10 @@ def test_up_runs_the_demo_and_stops_cleanly(tmp_path) -> None:
         assert {a["agent_id"] for a in agents} >= {f"sim-{i:05d}" for i in range(4)}
         windows = hbreg("windows", "sim-00001", "--since", "1m", "--json", env=env)
         assert windows.returncode == 0 and windows.stdout.strip(), windows.stderr
+        # every metric the Grafana dashboard queries is one these processes export
+        metrics_pages = [env[f"HBREG_{name}"] for name in METRICS_ADDRS]
+        missing = queried_metrics() - exported_metrics([env["HBREG_WORKER_WEB_ADDR"], *metrics_pages])
+        assert not missing, f"infra/grafana queries metrics no process exports: {sorted(missing)}"
     finally:
         if follower:
             follower.kill()

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from heartbeat_registry.core import health as ops_health
 from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.hbreg import services
 from heartbeat_registry.hbreg.bench.common import wait_worker
@@ -29,8 +30,10 @@ class Pipeline:
     tmp_path: object
 
     async def add_worker(self) -> subprocess.Popen:
-        """One more faust worker (its own web port); returns once it owns partitions."""
-        settings = dataclasses.replace(self.settings, worker_web_addr=f"127.0.0.1:{services.free_port()}")
+        """One more faust worker (the first on the settings' web port, where the dashboard's health looks;
+        the others on their own); returns once it owns partitions."""
+        addr = self.settings.worker_web_addr if not self.workers else f"127.0.0.1:{services.free_port()}"
+        settings = dataclasses.replace(self.settings, worker_web_addr=addr)
         worker = procs.hbreg(["worker"], settings, self.tmp_path / f"worker{len(self.workers)}.log")
         self.workers.append(worker)
         await asyncio.to_thread(wait_worker, settings.worker_web_addr, worker, 60)
@@ -44,6 +47,7 @@ async def running_pipeline(
     """Ingest and query API in-process; bridge and faust workers as real processes."""
     ingest = Ingest(settings)
     await ingest.start()
+    stop_ops = await ops_health.serve(settings.ingest_metrics_addr, lambda: bool(ingest.watch.up))
     bridge = procs.hbreg(["bridge"], settings, tmp_path / "bridge.log")
     server = None
     pipeline = None
@@ -63,6 +67,7 @@ async def running_pipeline(
         server = pipeline.query if pipeline else server  # a test may have replaced it
         if server is not None:
             await server.stop()
+        await stop_ops()
         await ingest.stop()
 
 

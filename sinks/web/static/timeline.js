@@ -62,6 +62,7 @@ export class Timeline {
 
   draw() {
     const { xs, raw, series } = this.data();
+    this.raw = raw;
     if (this.plot) {
       this.plot.setData([xs, ...series]);
       return;
@@ -69,10 +70,13 @@ export class Timeline {
     const width = Math.max(300, this.node.clientWidth || 600);
     this.plot = new uPlot({
       width, height: 170,
-      scales: { y: { range: (u, min, max) => [0, Math.max(1, max)] } },
+      scales: {
+        x: { time: true, range: () => [Date.now() / 1000 - HOUR_S, Date.now() / 1000] },  // always the last hour
+        y: { range: (u, min, max) => [0, Math.max(1, max)] },
+      },
       series: [{}, ...LAYERS.map(([state, colour], k) => ({
         label: state, stroke: colour, fill: colour, width: 1, points: { show: false },
-        value: (u, v, si, i) => (i === null || i === undefined ? "—" : String(raw[LAYERS[k][0]][i] ?? "—")),
+        value: (u, v, si, i) => (i === null || i === undefined ? "—" : String(this.raw[LAYERS[k][0]][i] ?? "—")),
       }))],
       axes: [{}, { size: 40 }],
       hooks: { drawClear: [(u) => this.shade(u)] },
