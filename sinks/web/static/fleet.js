@@ -13,7 +13,7 @@ const RANK = { stalled: 0, suspect: 1, recovered: 2, alive: 3, left: 4 };
 const PROBLEMS = new Set(["stalled", "suspect", "recovered"]);
 const COLUMNS = [
   ["state", "State"], ["agent", "Agent"], ["task", "Task (epoch)"], ["status", "Status"], ["cpu", "CPU"],
-  ["spark", "CPU, last windows"], ["seen", "Last seen"], ["phi", "phi"],
+  ["spark", "CPU trend"], ["seen", "Last seen"], ["phi", "phi"],
 ];
 const SPARK_REFRESH_MS = 10_000;
 
