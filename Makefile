@@ -92,7 +92,8 @@ vendor:
 	rm -rf .cache/npm && mkdir -p .cache/npm
 	cd .cache/npm && npm pack --silent uplot@$(UPLOT_VERSION) @tanstack/virtual-core@$(VIRTUAL_CORE_VERSION) \
 		axe-core@$(AXE_VERSION) >/dev/null && for t in *.tgz; do mkdir "$${t%.tgz}" && tar -xzf "$$t" -C "$${t%.tgz}"; done
-	cp .cache/npm/uplot-*/package/dist/uPlot.esm.js .cache/npm/uplot-*/package/dist/uPlot.min.css \
+	cp .cache/npm/uplot-*/package/dist/uPlot.esm.js .cache/npm/uplot-*/package/dist/uPlot.iife.min.js \
+		.cache/npm/uplot-*/package/dist/uPlot.min.css \
 		.cache/npm/uplot-*/package/LICENSE $(VENDOR)/uplot/
 	rm -f $(VENDOR)/virtual-core/*.js
 	cp .cache/npm/tanstack-virtual-core-*/package/dist/esm/*.js .cache/npm/tanstack-virtual-core-*/package/LICENSE \

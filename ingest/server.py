@@ -97,7 +97,7 @@ class HeartbeatService(hb_grpc.HeartbeatServiceServicer):
                     f"{limiter.rate:g} heartbeats/s (burst {limiter.burst:g}); retry in {retry} ms",
                     retry,
                 )
-            batch.add(*fields)
+            batch.add(*fields, beat.seq)
         limiter.sweep(now)
         return batch
 

@@ -66,9 +66,11 @@ class Batch:
         self.received = received
         self._nshards = nshards
 
-    def add(self, agent: str, task: str, status: int, timestamp: int, cpu: float, progress: float | None) -> None:
+    def add(
+        self, agent: str, task: str, status: int, timestamp: int, cpu: float, progress: float | None, seq: int
+    ) -> None:
         """One admitted heartbeat, as validate.fields_of read it (progress None when not reported;
-        NaN in the stored columns)."""
+        NaN in the stored columns), and its seq."""
         if progress is None:
             progress = NAN
         index = partition_of(agent, self._nshards)
@@ -82,6 +84,7 @@ class Batch:
         cols.cpu_util.append(cpu)
         cols.progress.append(progress)
         cols.received_ms.append(self.received)
+        cols.seq.append(seq)
         self.count += 1
 
 

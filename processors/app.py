@@ -39,7 +39,7 @@ from heartbeat_registry.core.names import Names
 from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.pb import hb
 from processors import faust_adapter, metrics
-from processors.liveness import Rules
+from processors.liveness import rules_of
 from processors.partition import SNAPSHOT_CHUNKS, PartitionState
 from processors.publish import QueryStore
 
@@ -57,22 +57,6 @@ class WorkerStatus:
 
     fatal: str | None = None  # why the worker is stopping on its own
     hooks_logged: bool = False
-
-
-def rules_of(settings: Settings) -> Rules:
-    return Rules(
-        timeout_ms=int(settings.stall_timeout * 1000),
-        phi_threshold=settings.phi_threshold,
-        phi_suspect=settings.phi_suspect,
-        acceptable_pause_ms=int(settings.acceptable_pause * 1000),
-        min_std_ms=int(settings.min_std * 1000),
-        recovery_beats=settings.recovery_beats,
-        hung_cpu=settings.hung_cpu,
-        max_task_ms=int(settings.max_task_duration * 1000),
-        mass_fraction=settings.mass_silence_fraction,
-        mass_min=settings.mass_silence_min,
-        mass_hold_ms=int(settings.mass_silence_hold * 1000),
-    )
 
 
 def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
@@ -213,11 +197,9 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
             )
             cols = hb.HeartbeatColumns()  # folded in as a record without heartbeats or watermark
         late = state.late
-        events, newest = state.add(cols)
+        events, newest = state.fold(cols)
         if state.late != late:
             metrics.WORKER_LATE.inc(state.late - late)
-        more, _ = state.advance(cols.watermark_ms)
-        events.extend(more)
         for agent_event in events:
             await emit(agent_event)
         written = state.written_until

@@ -32,6 +32,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.core.views import ALIVE, LEFT, RECOVERED, STALLED, phi, phi_at, reported_state
 from heartbeat_registry.pb import hb
 
@@ -54,6 +55,23 @@ class Rules:
     mass_fraction: float = 0.5
     mass_min: int = 10
     mass_hold_ms: int = 60_000
+
+
+def rules_of(settings: Settings) -> Rules:
+    """The rules the `HBREG_*` settings name (the workers' and `hbreg tune`'s, so they never differ)."""
+    return Rules(
+        timeout_ms=int(settings.stall_timeout * 1000),
+        phi_threshold=settings.phi_threshold,
+        phi_suspect=settings.phi_suspect,
+        acceptable_pause_ms=int(settings.acceptable_pause * 1000),
+        min_std_ms=int(settings.min_std * 1000),
+        recovery_beats=settings.recovery_beats,
+        hung_cpu=settings.hung_cpu,
+        max_task_ms=int(settings.max_task_duration * 1000),
+        mass_fraction=settings.mass_silence_fraction,
+        mass_min=settings.mass_silence_min,
+        mass_hold_ms=int(settings.mass_silence_hold * 1000),
+    )
 
 
 def _y_for_phi(threshold: float) -> float:

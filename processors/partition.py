@@ -149,6 +149,23 @@ class PartitionState:
 
     # --- processing ---------------------------------------------------------------------------
 
+    def fold(self, cols: hb.HeartbeatColumns) -> tuple[list[hb.AgentEvent], int]:
+        """One record, as the worker folds it: its heartbeats, then its watermark. Returns (events, newest
+        window start fed or -1). `hbreg tune` replays records through this, so it judges as the workers do."""
+        events, newest = self.add(cols)
+        more, _ = self.advance(cols.watermark_ms)
+        events.extend(more)
+        return events, newest
+
+    def forget_outputs(self) -> None:
+        """Drop what only the worker writes out (window rows, snapshot and publish marks): a replay keeps
+        the judgement and nothing else."""
+        self.unpublished.clear()
+        self.unwritten.clear()
+        self.dirty.clear()
+        self.touched.clear()
+        self.changed.clear()
+
     def add(self, cols: hb.HeartbeatColumns) -> tuple[list[hb.AgentEvent], int]:
         """Fold one record's heartbeats in; returns (events, newest window start fed or -1)."""
         events = []

@@ -18,7 +18,7 @@ class Columns:
     """Heartbeats of one shard or partition, column-wise, as plain lists (appending to a list is far
     cheaper than to a protobuf repeated field). The fields are the .proto's, checked at import."""
 
-    __slots__ = ("agent_id", "task_id", "status", "timestamp", "cpu_util", "progress", "received_ms")
+    __slots__ = ("agent_id", "task_id", "status", "timestamp", "cpu_util", "progress", "received_ms", "seq")
 
     def __init__(self) -> None:
         self.agent_id: list[str] = []
@@ -28,6 +28,7 @@ class Columns:
         self.cpu_util: list[float] = []
         self.progress: list[float] = []  # NaN: not reported
         self.received_ms: list[int] = []
+        self.seq: list[int] = []
 
     def __len__(self) -> int:
         return len(self.agent_id)

@@ -81,6 +81,11 @@ class Names:
         return f"{self.key_prefix}:q:timeline"
 
     @property
+    def tune_report(self) -> str:
+        """String: the latest `hbreg tune` report page (self-contained HTML), served at /reports/tune."""
+        return f"{self.key_prefix}:tune:report"
+
+    @property
     def query_clock(self) -> str:
         """Hash partition -> that partition's clock at its last publish (core.views.PartitionClock)."""
         return f"{self.key_prefix}:q:clock"

@@ -250,11 +250,7 @@ class Settings:
             raw = env.get(var)
             if raw is None or raw == "":
                 continue
-            parse, expects = PARSERS[field.metadata["kind"]]
-            try:
-                values[field.name] = parse(raw.strip())
-            except (ValueError, TypeError):
-                raise ConfigError(f"{var}={raw!r}: expected {expects}") from None
+            values[field.name] = parse_field(field.name, raw, var)
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
         if use_state:
@@ -325,6 +321,19 @@ class Settings:
 
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings)}
+
+
+def parse_field(name: str, raw: str, label: str | None = None) -> Any:
+    """One setting's value from text, as its variable would give it; a ConfigError naming `label` (default:
+    the setting's name) and what was expected."""
+    field = next((f for f in dataclasses.fields(Settings) if f.name == name), None)
+    if field is None:
+        raise ConfigError(f"{label or name}: no such setting")
+    parse, expects = PARSERS[field.metadata["kind"]]
+    try:
+        return parse(raw.strip())
+    except (ValueError, TypeError):
+        raise ConfigError(f"{label or name}={raw!r}: expected {expects}") from None
 
 
 def describe() -> list[tuple[str, str, str]]:

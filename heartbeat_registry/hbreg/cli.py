@@ -146,6 +146,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from heartbeat_registry.beats import now_ms
+    from heartbeat_registry.hbreg import tables
+    from heartbeat_registry.hbreg.tune import report, run
+
+    settings = _settings(args)
+    now = now_ms()
+    if args.to_ms is not None and args.from_ms is None:
+        raise ConfigError("--to needs --from (or use --since)")
+    start = args.from_ms if args.from_ms is not None else now - int(args.since * 1000)
+    end = args.to_ms if args.to_ms is not None else now
+    period = run.Period(start, end, int(args.warmup * 1000), int(args.label_grace * 1000))
+    result = run.tune(settings, period, args.grid or [], args.source, args.processes)
+    page = report.render(result)
+    if args.report:
+        with open(args.report, "w", encoding="utf-8") as out:
+            out.write(page)
+    if settings.redis_url:
+        run.keep_report(settings, page)
+    print(json.dumps(result) if args.json else tables.tune(result))
+    return 0
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     from heartbeat_registry.core import lifecycle
     from ingest.server import serve
@@ -372,6 +395,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--modes", default="beat,batch,stream,fleet", help="comma-separated modes to run")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "tune",
+        parents=[common],
+        help="replay a past period through the detector with other settings: false stalls and delay per set",
+    )
+    p.add_argument("--since", type=_arg("seconds"), default=3600.0, help="the period: this long ago until now (1h)")
+    p.add_argument("--from", dest="from_ms", type=_arg("count"), help="the period's start, epoch milliseconds")
+    p.add_argument("--to", dest="to_ms", type=_arg("count"), help="the period's end, epoch milliseconds (now)")
+    p.add_argument(
+        "--grid",
+        nargs="+",
+        metavar="NAME=V1,V2",
+        help="parameter values to try, e.g. phi_threshold=6,8,10 stall_timeout=5s,10s (every combination)",
+    )
+    p.add_argument("--source", choices=("kafka", "redis"), default="kafka", help="where to read heartbeats")
+    p.add_argument("--warmup", type=_arg("seconds"), default=300.0, help="replayed before the period, not counted (5m)")
+    p.add_argument(
+        "--label-grace",
+        type=_arg("seconds"),
+        default=60.0,
+        help="heartbeats this long after the period still tell a late agent from a dead one (60s)",
+    )
+    p.add_argument("--processes", type=_arg("count"), help="replay processes (default: one per core)")
+    p.add_argument("--report", metavar="FILE.html", help="also write the self-contained HTML report here")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("ingest", parents=[common], help="run the gRPC ingest server")
     p.set_defaults(func=cmd_ingest)

@@ -83,3 +83,38 @@ def alerts(found: Mapping[str, Any]) -> str:
         group = " ".join(f"{k}={v}" for k, v in sorted(n.get("groupLabels", {}).items()))
         lines.append(f"{at:<20} {n.get('status', ''):<9} {len(n.get('alerts', [])):>6} {group}")
     return "\n".join(lines)
+
+
+def tune(result: Mapping[str, Any]) -> str:
+    live = result["live"]
+    names = list(live["params"])
+    fidelity = (
+        "reproduces the workers' stall events"
+        if live["matches_live_events"]
+        else (f"{len(live['differences'])} differences from the workers' {live['live_events']} stall events")
+    )
+    lines = [
+        f"{result['heartbeats']:,} heartbeats of {result['agents']:,} agents; live settings: {fidelity}",
+        "  ".join(
+            [
+                f"{'':<4}",
+                *(f"{n:>14}" for n in names),
+                f"{'STALLS':>7} {'FALSE':>6} {'TRUE':>6} {'UNLAB':>6} {'UNRES':>6} {'p50 ms':>8} {'p99 ms':>8}",
+            ]
+        ),
+    ]
+    for r in result["results"]:
+        values = [f"{r['params'][n]!s:>14}" for n in names]
+        p50 = "-" if r["delay_p50_ms"] is None else r["delay_p50_ms"]
+        p99 = "-" if r["delay_p99_ms"] is None else r["delay_p99_ms"]
+        lines.append(
+            "  ".join(
+                [
+                    f"{'live' if r['live'] else '':<4}",
+                    *values,
+                    f"{r['stalls']:>7} {r['false_stalls']:>6} "
+                    f"{r['true_stalls']:>6} {r['unlabelled']:>6} {r['unresolved']:>6} {p50:>8} {p99:>8}",
+                ]
+            )
+        )
+    return "\n".join(lines)

@@ -1,7 +1,8 @@
 """The Monitor Dashboard's side of the HTTP server: the page (`/`, `/agents/{id}`, `/tasks/{id}`, all the
 same page, which routes in the browser), its committed assets (`/static/`, no build step, nothing from a
 CDN), the live stream (`/api/stream`, Server-Sent Events, sinks/web/live.py) and the CPU sparklines of
-the rows in view (`/api/sparklines`).
+the rows in view (`/api/sparklines`), and the latest `hbreg tune` report (`/reports/tune`, kept in Redis by
+the tuner; the one page with inline scripts, allowed by their hashes alone).
 
 Read-only: nothing on the page changes the system. Beyond localhost the whole HTTP side wants credentials
 (HBREG_HTTP_AUTH: Basic `USER:PASSWORD`, which browsers handle themselves, or the password as a Bearer
@@ -13,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import hmac
 import ipaddress
 import pathlib
+import re
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -60,6 +63,12 @@ def check_auth_setting(settings: Settings) -> None:
         )
     if settings.http_auth is not None and ":" not in settings.http_auth:
         raise ConfigError("HBREG_HTTP_AUTH: expected USER:PASSWORD")
+
+
+def inline_hashes(page: str, tag: str) -> list[str]:
+    """CSP sources allowing exactly the page's inline `<tag>` bodies (a report is one self-contained page)."""
+    bodies = re.findall(rf"<{tag}>(.*?)</{tag}>", page, re.S)
+    return ["'sha256-" + base64.b64encode(hashlib.sha256(b.encode()).digest()).decode() + "'" for b in bodies]
 
 
 def middlewares(settings: Settings) -> list[Middleware]:
@@ -134,6 +143,17 @@ def add_routes(app: web.Application, query: Query, live: Live) -> None:
             return web.json_response({"error": str(exc)}, status=400)
         return web.json_response({"sparklines": await query.cpu_trends(agents, min(count, 60))})
 
+    async def tune_report(_: web.Request) -> web.Response:
+        report = await query.redis.get(query.names.tune_report)
+        if report is None:
+            return web.json_response({"error": "no tuning report yet: run `hbreg tune`"}, status=404)
+        text = report.decode() if isinstance(report, bytes) else report
+        scripts = " ".join(inline_hashes(text, "script"))
+        styles = " ".join(inline_hashes(text, "style"))
+        csp = f"default-src 'none'; script-src {scripts}; style-src {styles}; img-src data:; frame-ancestors 'none'"
+        return web.Response(text=text, content_type="text/html", headers={"Content-Security-Policy": csp})
+
+    app.router.add_get("/reports/tune", tune_report)
     app.router.add_get("/", page)
     app.router.add_get("/agents/{agent_id}", page)
     app.router.add_get("/tasks/{task_id}", page)

@@ -148,7 +148,7 @@ async def test_close_right_after_a_write_still_returns(redis: aioredis.Redis, se
     writer = StreamWriter(redis, names, retention_s=600)
     writer.start()
     batch = writer.batch(int(time.time() * 1000))
-    batch.add("agent-close", "t-1", hb.RUNNING, batch.received, 0.5, None)
+    batch.add("agent-close", "t-1", hb.RUNNING, batch.received, 0.5, None, 1)
     # Both start in this order before the shard's task runs: the write queues and wakes the shard, then
     # close() sets the already set wake-up.
     pending = asyncio.create_task(writer.write(batch))

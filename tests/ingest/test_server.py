@@ -80,7 +80,7 @@ async def test_concurrent_writes_share_round_trips(ingest, redis, settings: Sett
     batches = []
     for i in range(300):
         batch = writer.batch(int(time.time() * 1000))
-        batch.add(f"agent-{i}", "t", hb.RUNNING, int(time.time() * 1000), 0.5, None)
+        batch.add(f"agent-{i}", "t", hb.RUNNING, int(time.time() * 1000), 0.5, None, i + 1)
         batches.append(batch)
     await asyncio.gather(*(writer.write(b) for b in batches))
     names = Names.of(settings)

@@ -32,7 +32,9 @@ def batch(start: int, count: int) -> hb.BeatBatchRequest:
     """`count` heartbeats numbered start..start+count-1 (in their timestamps), over 50 agents."""
     return hb.BeatBatchRequest(
         heartbeats=[
-            hb.Heartbeat(agent_id=f"agent-{n % 50}", task_id="t", status=hb.RUNNING, timestamp=BASE + n, cpu_util=0.5)
+            hb.Heartbeat(
+                agent_id=f"agent-{n % 50}", task_id="t", status=hb.RUNNING, timestamp=BASE + n, cpu_util=0.5, seq=n
+            )
             for n in range(start, start + count)
         ]
     )
@@ -92,6 +94,7 @@ async def test_every_acknowledged_heartbeat_once(pipeline_settings: Settings, sh
     for record, cols in zip(records, columns(records), strict=True):
         assert {partition_of(a, settings.topic_partitions) for a in cols.agent_id} <= {record.partition}
         assert cols.watermark_ms > 0
+        assert [t - BASE for t in cols.timestamp] == list(cols.seq)  # each heartbeat's own seq rides along
 
 
 async def test_idle_partitions_get_watermark_ticks(pipeline_settings: Settings) -> None:

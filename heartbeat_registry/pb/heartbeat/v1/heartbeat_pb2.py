@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cheartbeat/v1/heartbeat.proto\x12\x0cheartbeat.v1\"\xaa\x01\n\tHeartbeat\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12$\n\x06status\x18\x03 \x01(\x0e\x32\x14.heartbeat.v1.Status\x12\x11\n\ttimestamp\x18\x04 \x01(\x03\x12\x10\n\x08\x63pu_util\x18\x05 \x01(\x02\x12\x15\n\x08progress\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\x0b\n\x03seq\x18\x07 \x01(\x04\x42\x0b\n\t_progress\"\xb0\x01\n\tDirective\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.heartbeat.v1.Directive.Kind\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x0e\n\x06reason\x18\x05 \x01(\t\"5\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x41\x42\x41NDON\x10\x01\x12\n\n\x06\x41SSIGN\x10\x02\"Z\n\tBeatReply\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x13\n\x0breceived_ms\x18\x02 \x01(\x03\x12+\n\ndirectives\x18\x03 \x03(\x0b\x32\x17.heartbeat.v1.Directive\"?\n\x10\x42\x65\x61tBatchRequest\x12+\n\nheartbeats\x18\x01 \x03(\x0b\x32\x17.heartbeat.v1.Heartbeat\"d\n\x0e\x42\x65\x61tBatchReply\x12\x13\n\x0breceived_ms\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12+\n\ndirectives\x18\x03 \x03(\x0b\x32\x17.heartbeat.v1.Directive\"\xbd\x01\n\x10HeartbeatColumns\x12\x10\n\x08\x61gent_id\x18\x01 \x03(\t\x12\x0f\n\x07task_id\x18\x02 \x03(\t\x12$\n\x06status\x18\x03 \x03(\x0e\x32\x14.heartbeat.v1.Status\x12\x11\n\ttimestamp\x18\x04 \x03(\x03\x12\x10\n\x08\x63pu_util\x18\x05 \x03(\x02\x12\x10\n\x08progress\x18\x06 \x03(\x02\x12\x13\n\x0breceived_ms\x18\x07 \x03(\x03\x12\x14\n\x0cwatermark_ms\x18\x08 \x01(\x03\"\xcb\x02\n\nAgentEvent\x12%\n\x04type\x18\x01 \x01(\x0e\x32\x17.heartbeat.v1.EventType\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x14\n\x0clast_seen_ms\x18\x05 \x01(\x03\x12\x16\n\x0e\x64\x65tected_at_ms\x18\x06 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x07 \x01(\t\x12\x11\n\tpartition\x18\x08 \x01(\x05\x12\x36\n\x07\x66igures\x18\t \x03(\x0b\x32%.heartbeat.v1.AgentEvent.FiguresEntry\x12\x11\n\tagent_ids\x18\n \x03(\t\x12\x15\n\remitted_at_ms\x18\x0b \x01(\x03\x1a.\n\x0c\x46iguresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x9c\x01\n\x0cReassignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x15\n\rfrom_agent_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x16\n\x0estall_event_id\x18\x05 \x01(\t\x12\x16\n\x0e\x64\x65tected_at_ms\x18\x06 \x01(\x03\x12\x15\n\remitted_at_ms\x18\x07 \x01(\x03\"W\n\nTaskChange\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0c\n\x04what\x18\x03 \x01(\t\x12\r\n\x05\x61t_ms\x18\x04 \x01(\x03\x12\x0b\n\x03why\x18\x05 \x01(\t\"\xb6\x01\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.heartbeat.v1.TaskState\x12\x10\n\x08since_ms\x18\x05 \x01(\x03\x12)\n\x07history\x18\x06 \x03(\x0b\x32\x18.heartbeat.v1.TaskChange\x12\x1a\n\x12\x61ssign_deadline_ms\x18\x07 \x01(\x03\"A\n\rAssignRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"I\n\x10ListTasksRequest\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.heartbeat.v1.TaskState\x12\r\n\x05limit\x18\x02 \x01(\r\"3\n\x0eListTasksReply\x12!\n\x05tasks\x18\x01 \x03(\x0b\x32\x12.heartbeat.v1.Task*`\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x08\n\x04IDLE\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tCOMPLETED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\x0c\n\x08STOPPING\x10\x05*\xae\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05STALL\x10\x01\x12\x0c\n\x08RECOVERY\x10\x02\x12\x10\n\x0cPIPELINE_LAG\x10\x03\x12\x16\n\x12PIPELINE_CAUGHT_UP\x10\x04\x12\x10\n\x0cMASS_SILENCE\x10\x05\x12\x18\n\x14MASS_SILENCE_CLEARED\x10\x06\x12\x16\n\x12\x41SSIGNMENT_EXPIRED\x10\x07*_\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cTASK_RUNNING\x10\x01\x12\x11\n\rTASK_ORPHANED\x10\x02\x12\x11\n\rTASK_ASSIGNED\x10\x03\x32\xdb\x01\n\x10HeartbeatService\x12\x38\n\x04\x42\x65\x61t\x12\x17.heartbeat.v1.Heartbeat\x1a\x17.heartbeat.v1.BeatReply\x12I\n\tBeatBatch\x12\x1e.heartbeat.v1.BeatBatchRequest\x1a\x1c.heartbeat.v1.BeatBatchReply\x12\x42\n\nBeatStream\x12\x17.heartbeat.v1.Heartbeat\x1a\x17.heartbeat.v1.BeatReply(\x01\x30\x01\x32\xd0\x01\n\x0bTaskService\x12\x39\n\x06\x41ssign\x12\x1b.heartbeat.v1.AssignRequest\x1a\x12.heartbeat.v1.Task\x12;\n\x07GetTask\x12\x1c.heartbeat.v1.GetTaskRequest\x1a\x12.heartbeat.v1.Task\x12I\n\tListTasks\x12\x1e.heartbeat.v1.ListTasksRequest\x1a\x1c.heartbeat.v1.ListTasksReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cheartbeat/v1/heartbeat.proto\x12\x0cheartbeat.v1\"\xaa\x01\n\tHeartbeat\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12$\n\x06status\x18\x03 \x01(\x0e\x32\x14.heartbeat.v1.Status\x12\x11\n\ttimestamp\x18\x04 \x01(\x03\x12\x10\n\x08\x63pu_util\x18\x05 \x01(\x02\x12\x15\n\x08progress\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\x0b\n\x03seq\x18\x07 \x01(\x04\x42\x0b\n\t_progress\"\xb0\x01\n\tDirective\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.heartbeat.v1.Directive.Kind\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x0e\n\x06reason\x18\x05 \x01(\t\"5\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x41\x42\x41NDON\x10\x01\x12\n\n\x06\x41SSIGN\x10\x02\"Z\n\tBeatReply\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x13\n\x0breceived_ms\x18\x02 \x01(\x03\x12+\n\ndirectives\x18\x03 \x03(\x0b\x32\x17.heartbeat.v1.Directive\"?\n\x10\x42\x65\x61tBatchRequest\x12+\n\nheartbeats\x18\x01 \x03(\x0b\x32\x17.heartbeat.v1.Heartbeat\"d\n\x0e\x42\x65\x61tBatchReply\x12\x13\n\x0breceived_ms\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12+\n\ndirectives\x18\x03 \x03(\x0b\x32\x17.heartbeat.v1.Directive\"\xca\x01\n\x10HeartbeatColumns\x12\x10\n\x08\x61gent_id\x18\x01 \x03(\t\x12\x0f\n\x07task_id\x18\x02 \x03(\t\x12$\n\x06status\x18\x03 \x03(\x0e\x32\x14.heartbeat.v1.Status\x12\x11\n\ttimestamp\x18\x04 \x03(\x03\x12\x10\n\x08\x63pu_util\x18\x05 \x03(\x02\x12\x10\n\x08progress\x18\x06 \x03(\x02\x12\x13\n\x0breceived_ms\x18\x07 \x03(\x03\x12\x14\n\x0cwatermark_ms\x18\x08 \x01(\x03\x12\x0b\n\x03seq\x18\t \x03(\x04\"\xcb\x02\n\nAgentEvent\x12%\n\x04type\x18\x01 \x01(\x0e\x32\x17.heartbeat.v1.EventType\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x14\n\x0clast_seen_ms\x18\x05 \x01(\x03\x12\x16\n\x0e\x64\x65tected_at_ms\x18\x06 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x07 \x01(\t\x12\x11\n\tpartition\x18\x08 \x01(\x05\x12\x36\n\x07\x66igures\x18\t \x03(\x0b\x32%.heartbeat.v1.AgentEvent.FiguresEntry\x12\x11\n\tagent_ids\x18\n \x03(\t\x12\x15\n\remitted_at_ms\x18\x0b \x01(\x03\x1a.\n\x0c\x46iguresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x9c\x01\n\x0cReassignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x15\n\rfrom_agent_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x16\n\x0estall_event_id\x18\x05 \x01(\t\x12\x16\n\x0e\x64\x65tected_at_ms\x18\x06 \x01(\x03\x12\x15\n\remitted_at_ms\x18\x07 \x01(\x03\"W\n\nTaskChange\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0c\n\x04what\x18\x03 \x01(\t\x12\r\n\x05\x61t_ms\x18\x04 \x01(\x03\x12\x0b\n\x03why\x18\x05 \x01(\t\"\xb6\x01\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.heartbeat.v1.TaskState\x12\x10\n\x08since_ms\x18\x05 \x01(\x03\x12)\n\x07history\x18\x06 \x03(\x0b\x32\x18.heartbeat.v1.TaskChange\x12\x1a\n\x12\x61ssign_deadline_ms\x18\x07 \x01(\x03\"A\n\rAssignRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"I\n\x10ListTasksRequest\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.heartbeat.v1.TaskState\x12\r\n\x05limit\x18\x02 \x01(\r\"3\n\x0eListTasksReply\x12!\n\x05tasks\x18\x01 \x03(\x0b\x32\x12.heartbeat.v1.Task*`\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x08\n\x04IDLE\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tCOMPLETED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\x0c\n\x08STOPPING\x10\x05*\xae\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05STALL\x10\x01\x12\x0c\n\x08RECOVERY\x10\x02\x12\x10\n\x0cPIPELINE_LAG\x10\x03\x12\x16\n\x12PIPELINE_CAUGHT_UP\x10\x04\x12\x10\n\x0cMASS_SILENCE\x10\x05\x12\x18\n\x14MASS_SILENCE_CLEARED\x10\x06\x12\x16\n\x12\x41SSIGNMENT_EXPIRED\x10\x07*_\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cTASK_RUNNING\x10\x01\x12\x11\n\rTASK_ORPHANED\x10\x02\x12\x11\n\rTASK_ASSIGNED\x10\x03\x32\xdb\x01\n\x10HeartbeatService\x12\x38\n\x04\x42\x65\x61t\x12\x17.heartbeat.v1.Heartbeat\x1a\x17.heartbeat.v1.BeatReply\x12I\n\tBeatBatch\x12\x1e.heartbeat.v1.BeatBatchRequest\x1a\x1c.heartbeat.v1.BeatBatchReply\x12\x42\n\nBeatStream\x12\x17.heartbeat.v1.Heartbeat\x1a\x17.heartbeat.v1.BeatReply(\x01\x30\x01\x32\xd0\x01\n\x0bTaskService\x12\x39\n\x06\x41ssign\x12\x1b.heartbeat.v1.AssignRequest\x1a\x12.heartbeat.v1.Task\x12;\n\x07GetTask\x12\x1c.heartbeat.v1.GetTaskRequest\x1a\x12.heartbeat.v1.Task\x12I\n\tListTasks\x12\x1e.heartbeat.v1.ListTasksRequest\x1a\x1c.heartbeat.v1.ListTasksReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_AGENTEVENT_FIGURESENTRY']._loaded_options = None
   _globals['_AGENTEVENT_FIGURESENTRY']._serialized_options = b'8\001'
-  _globals['_STATUS']._serialized_start=1846
-  _globals['_STATUS']._serialized_end=1942
-  _globals['_EVENTTYPE']._serialized_start=1945
-  _globals['_EVENTTYPE']._serialized_end=2119
-  _globals['_TASKSTATE']._serialized_start=2121
-  _globals['_TASKSTATE']._serialized_end=2216
+  _globals['_STATUS']._serialized_start=1859
+  _globals['_STATUS']._serialized_end=1955
+  _globals['_EVENTTYPE']._serialized_start=1958
+  _globals['_EVENTTYPE']._serialized_end=2132
+  _globals['_TASKSTATE']._serialized_start=2134
+  _globals['_TASKSTATE']._serialized_end=2229
   _globals['_HEARTBEAT']._serialized_start=47
   _globals['_HEARTBEAT']._serialized_end=217
   _globals['_DIRECTIVE']._serialized_start=220
@@ -52,27 +52,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BEATBATCHREPLY']._serialized_start=555
   _globals['_BEATBATCHREPLY']._serialized_end=655
   _globals['_HEARTBEATCOLUMNS']._serialized_start=658
-  _globals['_HEARTBEATCOLUMNS']._serialized_end=847
-  _globals['_AGENTEVENT']._serialized_start=850
-  _globals['_AGENTEVENT']._serialized_end=1181
-  _globals['_AGENTEVENT_FIGURESENTRY']._serialized_start=1135
-  _globals['_AGENTEVENT_FIGURESENTRY']._serialized_end=1181
-  _globals['_REASSIGNMENT']._serialized_start=1184
-  _globals['_REASSIGNMENT']._serialized_end=1340
-  _globals['_TASKCHANGE']._serialized_start=1342
-  _globals['_TASKCHANGE']._serialized_end=1429
-  _globals['_TASK']._serialized_start=1432
-  _globals['_TASK']._serialized_end=1614
-  _globals['_ASSIGNREQUEST']._serialized_start=1616
-  _globals['_ASSIGNREQUEST']._serialized_end=1681
-  _globals['_GETTASKREQUEST']._serialized_start=1683
-  _globals['_GETTASKREQUEST']._serialized_end=1716
-  _globals['_LISTTASKSREQUEST']._serialized_start=1718
-  _globals['_LISTTASKSREQUEST']._serialized_end=1791
-  _globals['_LISTTASKSREPLY']._serialized_start=1793
-  _globals['_LISTTASKSREPLY']._serialized_end=1844
-  _globals['_HEARTBEATSERVICE']._serialized_start=2219
-  _globals['_HEARTBEATSERVICE']._serialized_end=2438
-  _globals['_TASKSERVICE']._serialized_start=2441
-  _globals['_TASKSERVICE']._serialized_end=2649
+  _globals['_HEARTBEATCOLUMNS']._serialized_end=860
+  _globals['_AGENTEVENT']._serialized_start=863
+  _globals['_AGENTEVENT']._serialized_end=1194
+  _globals['_AGENTEVENT_FIGURESENTRY']._serialized_start=1148
+  _globals['_AGENTEVENT_FIGURESENTRY']._serialized_end=1194
+  _globals['_REASSIGNMENT']._serialized_start=1197
+  _globals['_REASSIGNMENT']._serialized_end=1353
+  _globals['_TASKCHANGE']._serialized_start=1355
+  _globals['_TASKCHANGE']._serialized_end=1442
+  _globals['_TASK']._serialized_start=1445
+  _globals['_TASK']._serialized_end=1627
+  _globals['_ASSIGNREQUEST']._serialized_start=1629
+  _globals['_ASSIGNREQUEST']._serialized_end=1694
+  _globals['_GETTASKREQUEST']._serialized_start=1696
+  _globals['_GETTASKREQUEST']._serialized_end=1729
+  _globals['_LISTTASKSREQUEST']._serialized_start=1731
+  _globals['_LISTTASKSREQUEST']._serialized_end=1804
+  _globals['_LISTTASKSREPLY']._serialized_start=1806
+  _globals['_LISTTASKSREPLY']._serialized_end=1857
+  _globals['_HEARTBEATSERVICE']._serialized_start=2232
+  _globals['_HEARTBEATSERVICE']._serialized_end=2451
+  _globals['_TASKSERVICE']._serialized_start=2454
+  _globals['_TASKSERVICE']._serialized_end=2662
 # @@protoc_insertion_point(module_scope)

@@ -119,7 +119,7 @@ class BeatBatchReply(_message.Message):
     def __init__(self, received_ms: _Optional[int] = ..., accepted: _Optional[int] = ..., directives: _Optional[_Iterable[_Union[Directive, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatColumns(_message.Message):
-    __slots__ = ("agent_id", "task_id", "status", "timestamp", "cpu_util", "progress", "received_ms", "watermark_ms")
+    __slots__ = ("agent_id", "task_id", "status", "timestamp", "cpu_util", "progress", "received_ms", "watermark_ms", "seq")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,7 @@ class HeartbeatColumns(_message.Message):
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_MS_FIELD_NUMBER: _ClassVar[int]
     WATERMARK_MS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     agent_id: _containers.RepeatedScalarFieldContainer[str]
     task_id: _containers.RepeatedScalarFieldContainer[str]
     status: _containers.RepeatedScalarFieldContainer[Status]
@@ -136,7 +137,8 @@ class HeartbeatColumns(_message.Message):
     progress: _containers.RepeatedScalarFieldContainer[float]
     received_ms: _containers.RepeatedScalarFieldContainer[int]
     watermark_ms: int
-    def __init__(self, agent_id: _Optional[_Iterable[str]] = ..., task_id: _Optional[_Iterable[str]] = ..., status: _Optional[_Iterable[_Union[Status, str]]] = ..., timestamp: _Optional[_Iterable[int]] = ..., cpu_util: _Optional[_Iterable[float]] = ..., progress: _Optional[_Iterable[float]] = ..., received_ms: _Optional[_Iterable[int]] = ..., watermark_ms: _Optional[int] = ...) -> None: ...
+    seq: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, agent_id: _Optional[_Iterable[str]] = ..., task_id: _Optional[_Iterable[str]] = ..., status: _Optional[_Iterable[_Union[Status, str]]] = ..., timestamp: _Optional[_Iterable[int]] = ..., cpu_util: _Optional[_Iterable[float]] = ..., progress: _Optional[_Iterable[float]] = ..., received_ms: _Optional[_Iterable[int]] = ..., watermark_ms: _Optional[int] = ..., seq: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AgentEvent(_message.Message):
     __slots__ = ("type", "agent_id", "task_id", "reason", "last_seen_ms", "detected_at_ms", "event_id", "partition", "figures", "agent_ids", "emitted_at_ms")
