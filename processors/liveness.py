@@ -250,11 +250,12 @@ class Liveness:
                 agent.add_interval(interval)
         if task_id != agent.task_id or status != agent.status:
             self.changed.add(agent_id)
-        if status == hb.RUNNING:
-            if agent.status != hb.RUNNING or task_id != agent.task_id or not agent.task_started:
+            if status == hb.RUNNING:
                 agent.task_started = received
-        else:
+        if status != hb.RUNNING:
             agent.task_started = 0
+        elif not agent.task_started:
+            agent.task_started = received
         agent.last_seen, agent.task_id, agent.status, agent.cpu = received, task_id, status, cpu
         event = None
         if status in _LEAVING:
@@ -360,11 +361,18 @@ class Liveness:
 
     def _offset(self, agent: Agent) -> int:
         """Silence after which the agent is stalled: the phi deadline, capped by the hard timeout."""
-        stats = agent.stats(self.rules)
-        if stats is None:
-            return self.rules.timeout_ms
-        mean, std = stats
-        return min(self.rules.timeout_ms, int(mean + self._y_stall * std))
+        rules = self.rules
+        n = agent.hist_n
+        if n < MIN_SAMPLES:
+            return rules.timeout_ms
+        # Agent.stats, unrolled: this runs for every heartbeat
+        mean = agent.hsum / n
+        var = agent.hsq / n - mean * mean
+        std = math.sqrt(var) if var > 0.0 else 0.0
+        if std < rules.min_std_ms:
+            std = rules.min_std_ms
+        offset = int(mean + rules.acceptable_pause_ms + self._y_stall * std)
+        return offset if offset < rules.timeout_ms else rules.timeout_ms
 
     def _defer_deadlines(self, at: int) -> None:
         """No agent's deadline before `at` plus its silence limit: the pipeline could not see its beats."""
@@ -548,7 +556,10 @@ class Liveness:
         bucket = deadline // BUCKET_MS
         if bucket == agent.bucket:
             return
-        self._unschedule(agent)
+        if agent.bucket >= 0:  # _unschedule, inline: this runs for nearly every heartbeat
+            ids = self._wheel.get(agent.bucket)
+            if ids is not None:
+                ids.discard(agent.agent_id)
         agent.bucket = bucket
         self._wheel.setdefault(bucket, set()).add(agent.agent_id)
         if self._next_bucket >= 0 and bucket < self._next_bucket:

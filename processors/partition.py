@@ -74,6 +74,25 @@ class ClosedWindow:
         ]
 
 
+def judge(liveness: Liveness, cols: hb.HeartbeatColumns, closed: list[ClosedWindow]) -> list[hb.AgentEvent]:
+    """What `PartitionState.fold` decides about one record, for another set of rules: the same beats,
+    then the same clock, then the windows that fold closed (windows do not depend on the rules), in
+    fold's order. `hbreg tune` judges every extra parameter set this way, so the windows are counted once
+    for all of them; a test keeps it equal to `fold`."""
+    events = []
+    for agent_id, task_id, status, cpu, received in zip(
+        cols.agent_id, cols.task_id, cols.status, cols.cpu_util, cols.received_ms, strict=False
+    ):
+        event = liveness.beat(agent_id, task_id, status, cpu, received)
+        if event is not None:
+            events.append(event)
+    events.extend(liveness.advance(cols.watermark_ms))
+    for window in closed:
+        events.extend(liveness.window_closed(window.rows, window.start, window.end))
+    liveness.changed.clear()
+    return events
+
+
 class PartitionState:
     def __init__(self, partition: int, window_ms: int, rules: Rules, grace_ms: int = 0) -> None:
         self.partition = partition

@@ -68,9 +68,13 @@ class WindowStats:
         self.stt += t * t
         self.sc += cpu
         self.stc += t * cpu
-        b = min(int(cpu * HIST_BINS), HIST_BINS - 1)
-        self.hist[b] = self.hist.get(b, 0) + 1
-        self.statuses[status] = self.statuses.get(status, 0) + 1
+        b = int(cpu * HIST_BINS)
+        if b >= HIST_BINS:  # cpu 1.0 (a comparison, not min(): this runs for every heartbeat)
+            b = HIST_BINS - 1
+        hist = self.hist
+        hist[b] = hist.get(b, 0) + 1
+        statuses = self.statuses
+        statuses[status] = statuses.get(status, 0) + 1
 
     def merge(self, other: WindowStats, shift_min: float) -> None:
         """Fold `other` in; its times are `shift_min` minutes after this accumulator's start."""

@@ -138,6 +138,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from heartbeat_registry.hbreg.bench import recovery
 
         results = recovery.run(args.stalls, args.kills, args.redis_url, args.kafka_bootstrap)
+    elif args.suite == "tune":
+        from heartbeat_registry.hbreg.bench import tune
+
+        results = tune.run(args.heartbeats, args.redis_url, args.kafka_bootstrap)
     else:
         from heartbeat_registry.hbreg.bench import dashboard
 
@@ -375,10 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
         "suite",
         nargs="?",
         default="ingest",
-        choices=("ingest", "pipeline", "detection", "recovery", "dashboard"),
+        choices=("ingest", "pipeline", "detection", "recovery", "dashboard", "tune"),
         help="what to benchmark (default: ingest)",
     )
-    p.add_argument("--heartbeats", type=_arg("count"), default=1_000_000, help="pipeline: backlog size")
+    p.add_argument("--heartbeats", type=_arg("count"), default=1_000_000, help="pipeline, tune: backlog size")
     p.add_argument(
         "--agents", type=_arg("count"), default=None, help="detection: fleet size (default 1000); dashboard: (10000)"
     )

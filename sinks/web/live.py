@@ -164,6 +164,7 @@ class Live:
         if now >= self._next_health:
             self._next_health = now + HEALTH_S
             health = await self.health.read(await self.query.clocks())
+            health["tune_report"] = bool(await self.query.redis.exists(self.query.names.tune_report))
             self._send("health", {"health": health, "orphaned": self.orphaned()})
         if now >= self._next_timeline:
             self._next_timeline = now + TIMELINE_S

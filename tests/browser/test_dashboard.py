@@ -9,10 +9,13 @@ import time
 import urllib.request
 
 import pytest
+import redis.asyncio as aioredis
 
+from heartbeat_registry.core.names import Names
 from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.hbreg.bench.dashboard import SCROLL, FakeFleet
 from heartbeat_registry.hbreg.simulate import Fleet
+from heartbeat_registry.hbreg.tune import report
 from sinks.web.server import QueryServer
 from tests import procs
 from tests.browser.conftest import Page
@@ -167,3 +170,37 @@ async def test_ten_thousand_agents_render_in_under_2_s_and_scroll_smoothly(
         await server.stop()
         await fleet.redis.aclose()
     assert page.errors == [], page.errors
+
+
+async def test_the_tuning_report_renders_under_its_own_csp(settings: Settings, kafka_bootstrap: str, browser) -> None:  # noqa: ANN001
+    settings = dataclasses.replace(settings, kafka_bootstrap=kafka_bootstrap)
+    sets = [({"stall_timeout": t}, f, 20, t * 1000 + 50) for t, f in ((2.0, 20), (4.0, 0), (3.0, 4))]
+    results = [
+        {"params": p, "stalls": f + t, "false_stalls": f, "true_stalls": t, "unlabelled": 0, "unresolved": t,
+         "delay_p50_ms": d - 40, "delay_p99_ms": d, "by_reason": {"silent": f + t}, "live": p["stall_timeout"] == 2.0}
+        for p, f, t, d in sets
+    ]  # fmt: skip
+    result = {
+        "heartbeats": 4880,
+        "agents": 100,
+        "period": {"from_ms": 1, "to_ms": 2, "warmup_s": 300.0, "source": "kafka"},
+        "live": results[0] | {"matches_live_events": True, "differences": [], "live_events": 40},
+        "results": results,
+    }
+    client = aioredis.Redis.from_url(settings.redis_url)
+    await client.set(Names.of(settings).tune_report, report.render(result))
+    await client.aclose()
+    server = QueryServer(settings)
+    await server.start()
+    context = await browser.new_context(viewport={"width": 1200, "height": 900})  # the page's CSP enforced
+    try:
+        page = Page(await context.new_page())
+        await page.page.goto(f"http://{settings.http_addr}/reports/tune")
+        await page.page.locator("#chart canvas").first.wait_for()
+        assert await page.page.locator("table.sets tr").count() == 4
+        assert await page.page.locator("tr.live td").first.inner_text() == "live"
+        await page.screenshot("tuning-report.png")
+        assert page.errors == [], page.errors  # a blocked inline script or style would be an error here
+    finally:
+        await context.close()
+        await server.stop()

@@ -43,9 +43,10 @@ INTERVAL_MS = 2000
 PER_RECORD = 500
 
 
-def _synthetic(total: int, partitions: int) -> Iterator[tuple[int, hb.HeartbeatColumns]]:
+def synthetic(total: int, partitions: int) -> Iterator[tuple[int, hb.HeartbeatColumns]]:
     """`total` heartbeats of AGENTS agents beating every 2 s, ending now, as (partition, columns) of
-    PER_RECORD heartbeats, in time order; each carries the watermark of its moment."""
+    PER_RECORD heartbeats, in time order; each carries the watermark of its moment, each heartbeat its
+    agent's seq."""
     agents = [f"agent-{i:05d}" for i in range(AGENTS)]
     part = [partition_of(a, partitions) for a in agents]
     per_ms = AGENTS / INTERVAL_MS
@@ -68,6 +69,7 @@ def _synthetic(total: int, partitions: int) -> Iterator[tuple[int, hb.HeartbeatC
             cols.cpu_util.append(0.3 + (i % 50) / 100)
             cols.progress.append(float("nan"))
             cols.received_ms.append(received)
+            cols.seq.append(t // INTERVAL_MS + 1)
             sent += 1
             if len(cols.agent_id) >= PER_RECORD:
                 cols.watermark_ms = received - 200
@@ -89,7 +91,7 @@ async def bridge_rate(settings: Settings, total: int, log_dir: Any) -> float:
     assert settings.redis_url is not None
     client = aioredis.Redis.from_url(settings.redis_url)
     pipe = client.pipeline(transaction=False)
-    for _, cols in _synthetic(total, settings.stream_shards):
+    for _, cols in synthetic(total, settings.stream_shards):
         if not cols.agent_id:
             continue
         shard = partition_of(cols.agent_id[0], settings.stream_shards)
@@ -118,7 +120,7 @@ async def bridge_rate(settings: Settings, total: int, log_dir: Any) -> float:
     return total / (time.monotonic() - first)
 
 
-async def _produce_backlog(settings: Settings, total: int) -> None:
+async def produce_backlog(settings: Settings, total: int) -> None:
     from aiokafka import AIOKafkaProducer
 
     names = Names.of(settings)
@@ -134,7 +136,7 @@ async def _produce_backlog(settings: Settings, total: int) -> None:
     try:
         sends = [
             await producer.send(names.heartbeats_topic, cols.SerializeToString(), partition=p)
-            for p, cols in _synthetic(total, settings.topic_partitions)
+            for p, cols in synthetic(total, settings.topic_partitions)
         ]
         await asyncio.gather(*sends)
     finally:
@@ -162,7 +164,7 @@ async def _committed_all(settings: Settings) -> bool:
 
 
 async def worker_rate(settings: Settings, total: int, workers: int, log_dir: Any) -> float:
-    await _produce_backlog(settings, total)
+    await produce_backlog(settings, total)
     with contextlib.ExitStack() as stack:
         addrs, procs = [], []
         for _ in range(workers):

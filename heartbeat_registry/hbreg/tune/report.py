@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 import json
 import pathlib
+import time
 from typing import Any
 
 UPLOT = pathlib.Path(__file__).resolve().parents[3] / "sinks" / "web" / "static" / "vendor" / "uplot"
@@ -50,6 +51,10 @@ tr.live { background: #fde8e7; font-weight: 600; }
 """
 
 
+def _utc(ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ms / 1000))
+
+
 def render(result: dict[str, Any]) -> str:
     period = result["period"]
     live = result["live"]
@@ -72,14 +77,14 @@ def render(result: dict[str, Any]) -> str:
 <style>{(UPLOT / "uPlot.min.css").read_text()}{STYLE}</style></head>
 <body>
 <h1>Detection tuning</h1>
-<p>{result["heartbeats"]:,} heartbeats of {result["agents"]:,} agents, from {period["from_ms"]} to {period["to_ms"]}
-(epoch ms; {period["warmup_s"]:g} s of warm-up before it), read from {html.escape(period["source"])}.
+<p>{result["heartbeats"]:,} heartbeats of {result["agents"]:,} agents, from {_utc(period["from_ms"])} to
+{_utc(period["to_ms"])} ({period["warmup_s"]:g} s of warm-up before it), read from {html.escape(period["source"])}.
 The live settings' replay {fidelity}.</p>
 <p>Each point is one parameter set: how many stalls it would have raised that were false (the agent's next
 heartbeat continued its own count: it was late, not dead), against how long it took to notice the true
 ones (p99). Lower left is better; the red point is what runs now.</p>
 <div id="chart"></div><div id="hover"></div>
-<table><tr><th></th>{head}<th>stalls</th><th>false</th><th>true</th><th>unlabelled</th><th>unresolved</th>
+<table class="sets"><tr><th></th>{head}<th>stalls</th><th>false</th><th>true</th><th>unlabelled</th><th>unresolved</th>
 <th>delay p50 ms</th><th>delay p99 ms</th></tr>
 {"".join(rows)}
 </table>

@@ -61,6 +61,7 @@ class Outcome:
     heartbeats: int
     agents: int
     folded: int  # heartbeats folded into each parameter set's states (warm-up included)
+    busy_s: float  # from the first record to the last (not the process's start or its Kafka connection)
 
 
 def replay_job(job: Job, progress: Any) -> Outcome:
@@ -93,7 +94,10 @@ async def _replay(job: Job, progress: Any) -> Outcome:
         records = sources.redis_records(
             s, job.partitions, period.from_ms - period.warmup_ms, period.to_ms + period.label_ms
         )
+    first: float | None = None
     async for partition, cols in records:
+        if first is None:
+            first = time.monotonic()
         if partition in finished:
             continue
         if not replays[partition].feed(cols):
@@ -113,6 +117,7 @@ async def _replay(job: Job, progress: Any) -> Outcome:
         sum(r.heartbeats for r in replays.values()),
         sum(len(r.agents) for r in replays.values()),
         folded,
+        time.monotonic() - first if first is not None else 0.0,
     )
 
 
@@ -216,6 +221,7 @@ def tune(
     live_events = asyncio.run(live_stalls(settings, period))
     differences = fidelity(per_set[0], live_events)
     folded = sum(o.folded for o in outcomes)
+    busy = sum(o.busy_s for o in outcomes)
     live = summary(live_params, per_set[0]) | {
         "settings": grid.describe(settings),
         "live_events": len(live_events),
@@ -242,9 +248,8 @@ def tune(
             "processes": len(jobs),
             "parameter_sets": len(rule_sets),
             "heartbeats_read": folded,
-            "heartbeats_per_s_per_set_per_core": round(folded * len(rule_sets) / seconds / len(jobs))
-            if seconds > 0 and jobs
-            else None,
+            # each process's replay, from its first record to its last, over the processes: one core each
+            "heartbeats_per_s_per_set_per_core": round(folded * len(rule_sets) / busy) if busy > 0 else None,
         },
     }
 

@@ -104,6 +104,8 @@ function renderHealth(h) {
     el("span", { class: bad(h.workers_up === h.workers), text: `workers up ${h.workers_up}/${h.workers}` }),
     el("span", { class: bad(am.members === 0 || am.up === am.members), text: am.members ? `Alertmanager ${am.up}/${am.members} reachable` : "alerts off" }),
   ];
+  // the latest `hbreg tune` report, its own page (not routed in here)
+  if (h.tune_report) parts.push(el("a", { href: "/reports/tune", text: "tuning report" }));
   document.getElementById("health").replaceChildren(...parts);
 }
 
