@@ -159,8 +159,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     now = now_ms()
     if args.to_ms is not None and args.from_ms is None:
         raise ConfigError("--to needs --from (or use --since)")
-    start = args.from_ms if args.from_ms is not None else now - int(args.since * 1000)
-    end = args.to_ms if args.to_ms is not None else now
+    # without --to the period ends --label-grace ago: every stall's agent had that long to come back
+    end = args.to_ms if args.to_ms is not None else now - int(args.label_grace * 1000)
+    start = args.from_ms if args.from_ms is not None else end - int(args.since * 1000)
     period = run.Period(start, end, int(args.warmup * 1000), int(args.label_grace * 1000))
     result = run.tune(settings, period, args.grid or [], args.source, args.processes)
     page = report.render(result)
@@ -405,9 +406,16 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="replay a past period through the detector with other settings: false stalls and delay per set",
     )
-    p.add_argument("--since", type=_arg("seconds"), default=3600.0, help="the period: this long ago until now (1h)")
+    p.add_argument(
+        "--since", type=_arg("seconds"), default=3600.0, help="the period: this long, ending --label-grace ago (1h)"
+    )
     p.add_argument("--from", dest="from_ms", type=_arg("count"), help="the period's start, epoch milliseconds")
-    p.add_argument("--to", dest="to_ms", type=_arg("count"), help="the period's end, epoch milliseconds (now)")
+    p.add_argument(
+        "--to",
+        dest="to_ms",
+        type=_arg("count"),
+        help="the period's end, epoch milliseconds (default: --label-grace ago)",
+    )
     p.add_argument(
         "--grid",
         nargs="+",

@@ -55,6 +55,13 @@ def _utc(ms: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ms / 1000))
 
 
+def _untimed(result: dict[str, Any]) -> str:
+    count = sum(1 for r in result["results"] if r["delay_p99_ms"] is None)
+    if not count:
+        return ""
+    return f"<p>{count} parameter set(s) had no true stall to time, so they are in the table only.</p>"
+
+
 def render(result: dict[str, Any]) -> str:
     period = result["period"]
     live = result["live"]
@@ -83,7 +90,7 @@ The live settings' replay {fidelity}.</p>
 <p>Each point is one parameter set: how many stalls it would have raised that were false (the agent's next
 heartbeat continued its own count: it was late, not dead), against how long it took to notice the true
 ones (p99). Lower left is better; the red point is what runs now.</p>
-<div id="chart"></div><div id="hover"></div>
+<div id="chart"></div><div id="hover"></div>{_untimed(result)}
 <table class="sets"><tr><th></th>{head}<th>stalls</th><th>false</th><th>true</th><th>unlabelled</th><th>unresolved</th>
 <th>delay p50 ms</th><th>delay p99 ms</th></tr>
 {"".join(rows)}
