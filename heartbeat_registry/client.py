@@ -24,6 +24,11 @@ Refusals that retrying cannot fix (UNAUTHENTICATED, PERMISSION_DENIED, INVALID_A
 the client logs them as an error, stops beating, calls `on_error`, cancels the open task contexts the same
 way (raising `HeartbeatRejected` there) and raises `HeartbeatRejected` from the next `report()`, so a
 program with the wrong token learns it at once instead of looping silently.
+
+With a host relay (`relay="unix:///run/hbreg/relay.sock"`, or HBREG_RELAY in the environment), the client
+beats through it instead of the ingest: a local, insecure channel and no token (the relay's socket
+permissions are the boundary; it sends its own relay token upstream). Everything else stays the same:
+the relay answers each beat with its own reply once the ingest acknowledged it, and passes refusals on.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ from heartbeat_registry.errors import HeartbeatRejected, TaskAbandoned
 from heartbeat_registry.pb import hb, hb_grpc
 
 log = logging.getLogger(__name__)
+# read here: agents do not install core/settings.py, which documents and checks it for the tools
+RELAY_ENV = "HBREG_RELAY"
 Status = int  # hb.IDLE, hb.RUNNING, hb.COMPLETED, hb.FAILED, hb.STOPPING
 # what retrying the same heartbeat with the same credentials can never fix
 FINAL_CODES = frozenset(
@@ -139,7 +146,7 @@ class AsyncHeartbeatClient:
     def __init__(
         self,
         agent_id: str,
-        endpoints: str | Sequence[str],
+        endpoints: str | Sequence[str] = (),
         *,
         token: str | None = None,
         interval: float = 1.0,
@@ -152,15 +159,20 @@ class AsyncHeartbeatClient:
         backoff_initial: float = 0.2,
         backoff_max: float = 10.0,
         rpc_timeout: float = 5.0,
+        relay: str | None = None,
     ) -> None:
         if not agent_id:
             raise ValueError("agent_id must not be empty")
         if interval <= 0 or not 0 <= jitter < 1:
             raise ValueError("interval must be > 0 and jitter in [0, 1)")
         self.agent_id = agent_id
+        # the host relay (None: HBREG_RELAY, "": none); it takes no token and no TLS, and sends its own
+        self.relay = (os.environ.get(RELAY_ENV, "") if relay is None else relay).strip() or None
+        if self.relay:
+            endpoints, token, tls = self.relay, None, None
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not self.endpoints:
-            raise ValueError("at least one endpoint is needed")
+            raise ValueError("at least one endpoint (or a relay) is needed")
         self.token = token
         self.interval = interval
         self.jitter = jitter
@@ -419,7 +431,7 @@ class AsyncHeartbeatClient:
                 backoff = self.backoff_initial  # it worked for a while: retry it first
             else:
                 index += 1  # this endpoint did not answer: try the next one
-            delay = max(pushback, backoff * self._rng.uniform(0.5, 1.5))
+            delay = retry_delay(pushback, backoff, self._rng)
             # the code and details go into the message itself: a default formatter drops `extra`
             log.warning("heartbeat call to %s failed: %s; retrying in %.1f s", self.endpoint, problem, delay)
             await asyncio.sleep(delay)
@@ -447,8 +459,7 @@ class AsyncHeartbeatClient:
                 await call.write(self._beat())
                 reply = await asyncio.wait_for(call.read(), self.rpc_timeout)
                 if reply is grpc.aio.EOF:
-                    await call  # raises the call's status
-                    return
+                    return  # ended with OK (a draining ingest); a refusal raises from read() instead
                 self._on_reply(reply)
                 await self._pause()
         finally:
@@ -465,6 +476,16 @@ def _final(exc: grpc.aio.AioRpcError) -> bool:
     """A refusal retrying cannot fix: credentials, identity, an invalid heartbeat. Not a clock the ingest
     finds too far off (`timestamp:`): an agent that booted before its clock was synchronised recovers."""
     return exc.code() in FINAL_CODES and not (exc.details() or "").startswith("timestamp:")
+
+
+def retry_delay(pushback_s: float, backoff_s: float, rng: random.Random) -> float:
+    """Seconds to wait before connecting again. An ingest that refuses a crowd (a reconnect storm, Redis
+    down) names the wait in `grpc-retry-pushback-ms`: it is a floor, and a random extra of up to a quarter
+    of it keeps thousands of agents told the same wait from coming back in the same instant. Without
+    one, exponential backoff with jitter."""
+    if pushback_s > 0:
+        return pushback_s * rng.uniform(1.0, 1.25)
+    return backoff_s * rng.uniform(0.5, 1.5)
 
 
 def _pushback_s(exc: grpc.aio.AioRpcError) -> float:
@@ -486,7 +507,7 @@ class HeartbeatClient:
                 step()
     """
 
-    def __init__(self, agent_id: str, endpoints: str | Sequence[str], **options: Any) -> None:
+    def __init__(self, agent_id: str, endpoints: str | Sequence[str] = (), **options: Any) -> None:
         self._client = AsyncHeartbeatClient(agent_id, endpoints, **options)
         self._loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None

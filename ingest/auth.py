@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import jwt
@@ -133,7 +133,10 @@ class Requests:
         data = await self._context.read()
         if data is grpc.aio.EOF:
             return None
-        return await _parse(self._parse, data, self._context, self._rpc)
+        try:
+            return self._parse(data)
+        except Exception:
+            return await _undecodable(self._context, self._rpc)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -169,32 +172,39 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary
 
             async def unary(data: bytes, context: grpc.aio.ServicerContext) -> Any:
-                identity = await _identify(auth, context, rpc)
-                return await inner(await _parse(parse, data, context, rpc), context, identity)
+                # no coroutine per step on the way in: the failures await, the common case does not
+                try:
+                    identity = auth.identify(context)
+                except AuthError as exc:
+                    await _unauthenticated(context, rpc, exc)
+                try:
+                    request = parse(data)
+                except Exception:
+                    request = await _undecodable(context, rpc)
+                return await inner(request, context, identity)
 
             return grpc.unary_unary_rpc_method_handler(unary, None, handler.response_serializer)
         inner_stream = handler.stream_stream
 
         async def stream(_: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
-            identity = await _identify(auth, context, rpc)
+            try:
+                identity = auth.identify(context)  # once per stream, not per message
+            except AuthError as exc:
+                await _unauthenticated(context, rpc, exc)
             await inner_stream(Requests(context, parse, rpc), context, identity)
 
         return grpc.stream_stream_rpc_method_handler(stream, None, handler.response_serializer)
 
 
-async def _parse(parse: Callable[[bytes], Any], data: bytes, context: grpc.aio.ServicerContext, rpc: str) -> Any:
-    """Decode here rather than in grpc, so undecodable bytes get INVALID_ARGUMENT, not INTERNAL."""
-    try:
-        return parse(data)
-    except Exception:
-        metrics.REFUSED.labels(rpc, "undecodable").inc()
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request: not a valid protobuf message for this RPC")
+async def _undecodable(context: grpc.aio.ServicerContext, rpc: str) -> NoReturn:
+    """Requests are decoded here rather than in grpc, so undecodable bytes get INVALID_ARGUMENT, not
+    INTERNAL."""
+    metrics.REFUSED.labels(rpc, "undecodable").inc()
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request: not a valid protobuf message for this RPC")
+    raise AssertionError("abort raises")
 
 
-async def _identify(auth: Authenticator, context: grpc.aio.ServicerContext, rpc: str) -> Identity:
-    try:
-        return auth.identify(context)
-    except AuthError as exc:
-        metrics.REFUSED.labels(rpc, "unauthenticated").inc()
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-        raise  # not reached: abort raises
+async def _unauthenticated(context: grpc.aio.ServicerContext, rpc: str, exc: AuthError) -> NoReturn:
+    metrics.REFUSED.labels(rpc, "unauthenticated").inc()
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+    raise AssertionError("abort raises")

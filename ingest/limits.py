@@ -1,4 +1,5 @@
-"""Per-agent rate limits, so one flooding agent is throttled while every other agent proceeds.
+"""Rate limits: per agent, so one flooding agent is throttled while every other agent proceeds; and on new
+streams, so a fleet reconnecting at once is taken on at a pace the ingest can serve.
 
 GCRA (the generic cell rate algorithm, a token bucket kept as one number): per agent only the
 "theoretical arrival time" of its next heartbeat is stored, which makes a check one dict read and one
@@ -37,6 +38,12 @@ class RateLimiter:
         self._tat[agent_id] = tat + self._interval
         return True
 
+    def refund(self, agent_id: str) -> None:
+        """Uncount one heartbeat `allow` counted (its request was refused whole: nothing was stored)."""
+        tat = self._tat.get(agent_id)
+        if tat is not None:
+            self._tat[agent_id] = tat - self._interval
+
     def retry_after_ms(self, agent_id: str, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now
         wait = self._tat.get(agent_id, now) - now - self._tolerance
@@ -48,3 +55,32 @@ class RateLimiter:
             return
         self._swept = now
         self._tat = {a: t for a, t in self._tat.items() if t > now}
+
+
+class StreamAdmission:
+    """New BeatStreams per second one ingest process takes on. After an ingest restart its whole fleet
+    reconnects within seconds; taking every stream at once would leave the process answering none of
+    them in time (and grpc.aio takes one new call per turn of its event loop, so the queue of calls not
+    yet taken grows with every busy turn). The streams already open are never refused for this.
+
+    The same GCRA as above, over all new streams. A stream over the pace is refused with a pushback
+    that promises the following free slots in turn: the n-th stream refused in a crowd is told to come
+    back n intervals after the first, so a crowd of 20,000 returns spread evenly over 20,000 / rate
+    seconds instead of all at once (the client adds its own jitter on top)."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self._interval = 1.0 / rate
+        self._tolerance = (max(burst, 1.0) - 1.0) * self._interval + 1e-9
+        self._tat = float("-inf")  # theoretical arrival time of the next new stream (monotonic s)
+        self._promised = float("-inf")  # the latest slot promised to a refused stream
+
+    def admit(self, now: float) -> int:
+        """0 to take the new stream on, else the milliseconds after which it should come back."""
+        tat = self._tat if self._tat > now else now
+        if tat - now <= self._tolerance:
+            self._tat = tat + self._interval
+            return 0
+        slot = max(self._promised + self._interval, tat - self._tolerance)
+        self._promised = slot
+        return int((slot - now) * 1000) + 1

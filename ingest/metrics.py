@@ -14,9 +14,11 @@ REDIS_ROUNDTRIP = Histogram(
     "One group-commit round trip to Redis",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
-ACTIVE_STREAMS = Gauge("hbreg_ingest_active_streams", "Open BeatStream calls")
-REDIS_UP = Gauge("hbreg_ingest_redis_up", "1 while Redis answers")
-STREAM_LENGTH = Gauge("hbreg_ingest_stream_entries", "Entries in each Redis stream shard (XLEN)", ["shard"])
+ACTIVE_STREAMS = Gauge("hbreg_ingest_active_streams", "Open BeatStream calls", multiprocess_mode="livesum")
+REDIS_UP = Gauge("hbreg_ingest_redis_up", "1 while Redis answers", multiprocess_mode="livemin")
+STREAM_LENGTH = Gauge(
+    "hbreg_ingest_stream_entries", "Entries in each Redis stream shard (XLEN)", ["shard"], multiprocess_mode="livemax"
+)
 TASKS_TAKEN_UP = Histogram(
     "hbreg_ingest_task_taken_up_seconds",
     "Task assigned -> its assignee beat RUNNING on it (it owns it)",

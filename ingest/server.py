@@ -5,13 +5,15 @@ All three RPCs go through one StreamWriter, so concurrent calls share Redis roun
 directives: an agent that still reports a task that was reassigned away from it is told to abandon it.
 Refusals name the field or the limit: INVALID_ARGUMENT (bad heartbeat), UNAUTHENTICATED (no or bad
 credentials), PERMISSION_DENIED (agent_id not the caller's), RESOURCE_EXHAUSTED (rate or size limit,
-ingest overloaded) and UNAVAILABLE (Redis down); the last two carry a `grpc-retry-pushback-ms` hint.
+ingest overloaded, more new streams at once than HBREG_STREAM_OPEN_RATE) and UNAVAILABLE (Redis down);
+the last two carry a `grpc-retry-pushback-ms` hint.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -23,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from heartbeat_registry.beats import now_ms
 from heartbeat_registry.core import health as ops_health
+from heartbeat_registry.core import redis_client
 from heartbeat_registry.core.lifecycle import stop_signal
 from heartbeat_registry.core.names import Names
 from heartbeat_registry.core.settings import Settings
@@ -32,7 +35,7 @@ from heartbeat_registry.pb import hb, hb_grpc
 from ingest import metrics, validate
 from ingest.auth import Authenticator, AuthError, AuthInterceptor, Identity, Requests
 from ingest.directives import directives_for
-from ingest.limits import RateLimiter
+from ingest.limits import RateLimiter, StreamAdmission
 from ingest.tasks import TaskService
 from ingest.writer import Batch, Overloaded, StreamWriter, Unavailable
 
@@ -40,6 +43,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = hb.DESCRIPTOR.services_by_name["HeartbeatService"].full_name
 TASK_SERVICE_NAME = hb.DESCRIPTOR.services_by_name["TaskService"].full_name
 RETRY_PUSHBACK_MS = 250
+GC_THRESHOLDS = (10_000, 10, 100)
 
 
 def _at(index: int, batch: bool) -> str:
@@ -63,6 +67,7 @@ class HeartbeatService(hb_grpc.HeartbeatServiceServicer):
         self._writer = writer
         self._tasks = tasks
         self._limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
+        self._admission = StreamAdmission(settings.stream_open_rate, settings.stream_open_rate)
         self._max_batch = settings.max_batch
         self._max_skew_ms = int(settings.max_clock_skew * 1000)
 
@@ -74,30 +79,37 @@ class HeartbeatService(hb_grpc.HeartbeatServiceServicer):
         allows = identity.allows
         allow = limiter.allow
         skew = self._max_skew_ms
-        for i, beat in enumerate(beats):
-            fields = validate.fields_of(beat)
-            agent = fields[0]
-            try:
-                validate.check_fields(*fields, received, skew)
-            except validate.Refusal as exc:
-                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, exc.field, _at(i, prefix) + str(exc)) from None
-            if not allows(agent):
-                raise Refused(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    "identity",
-                    f"{_at(i, prefix)}agent_id: {agent!r} is not an agent the caller may speak for "
-                    f"(credentials are for {identity.agent_id!r})",
-                )
-            if not allow(agent, now):
-                retry = limiter.retry_after_ms(agent)
-                raise Refused(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    "rate_limit",
-                    f"{_at(i, prefix)}agent_id: {agent!r} exceeds the rate limit of "
-                    f"{limiter.rate:g} heartbeats/s (burst {limiter.burst:g}); retry in {retry} ms",
-                    retry,
-                )
-            batch.add(*fields, beat.seq)
+        try:
+            for i, beat in enumerate(beats):
+                fields = validate.fields_of(beat)
+                agent = fields[0]
+                try:
+                    validate.check_fields(*fields, received, skew)
+                except validate.Refusal as exc:
+                    raise Refused(grpc.StatusCode.INVALID_ARGUMENT, exc.field, _at(i, prefix) + str(exc)) from None
+                if not allows(agent):
+                    raise Refused(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        "identity",
+                        f"{_at(i, prefix)}agent_id: {agent!r} is not an agent the caller may speak for "
+                        f"(credentials are for {identity.agent_id!r})",
+                    )
+                if not allow(agent, now):
+                    retry = limiter.retry_after_ms(agent)
+                    raise Refused(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        "rate_limit",
+                        f"{_at(i, prefix)}agent_id: {agent!r} exceeds the rate limit of "
+                        f"{limiter.rate:g} heartbeats/s (burst {limiter.burst:g}); retry in {retry} ms",
+                        retry,
+                    )
+                batch.add(*fields, beat.seq)
+        except Refused:
+            # a refused request stores nothing, so it uses none of its agents' rates: a relay sends the
+            # rest of a refused batch again, and those agents must not pay for the refused attempt
+            for admitted in beats[:i]:
+                limiter.refund(admitted.agent_id)
+            raise
         limiter.sweep(now)
         return batch
 
@@ -140,7 +152,9 @@ class HeartbeatService(hb_grpc.HeartbeatServiceServicer):
     ) -> hb.BeatReply:
         received = now_ms()
         directives = await self._handle("beat", (request,), identity, context, received)
-        return hb.BeatReply(seq=request.seq, received_ms=received, directives=directives)
+        if directives:
+            return hb.BeatReply(seq=request.seq, received_ms=received, directives=directives)
+        return hb.BeatReply(seq=request.seq, received_ms=received)
 
     async def BeatBatch(  # type: ignore[override]
         self, request: hb.BeatBatchRequest, context: grpc.aio.ServicerContext, identity: Identity
@@ -160,10 +174,29 @@ class HeartbeatService(hb_grpc.HeartbeatServiceServicer):
     ) -> None:
         metrics.ACTIVE_STREAMS.inc()
         try:
-            while (beat := await requests.read()) is not None:
+            beat = await requests.read()
+            if beat is None:
+                return
+            # Admitted or refused once its first heartbeat is read: the client then waits in its read of
+            # the reply and gets the refusal whole. A refusal as the stream opens races the client's first
+            # write, and the asyncio client reports that race as INTERNAL, without the pushback.
+            retry_ms = self._admission.admit(time.monotonic())
+            if retry_ms:
+                metrics.REFUSED.labels("stream", "busy").inc()
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(retry_ms)),))
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"ingest busy: more new streams than the {self._admission.rate:g}/s it takes on; "
+                    f"retry in {retry_ms} ms",
+                )
+            while beat is not None:
                 received = now_ms()
                 directives = await self._handle("stream", (beat,), identity, context, received)
-                await context.write(hb.BeatReply(seq=beat.seq, received_ms=received, directives=directives))
+                if directives:
+                    await context.write(hb.BeatReply(seq=beat.seq, received_ms=received, directives=directives))
+                else:
+                    await context.write(hb.BeatReply(seq=beat.seq, received_ms=received))
+                beat = await requests.read()
         finally:
             metrics.ACTIVE_STREAMS.dec()
 
@@ -229,6 +262,22 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    """The gRPC server's options (the benchmark's empty servicer runs with the same)."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_concurrent_streams", 100_000),
+        # A fleet reconnecting at once opens thousands of calls within a second, and grpc.aio takes them
+        # from gRPC core one per turn of the event loop. Core keeps at most this many waiting and, past
+        # its defaults (1,000, 3,000 at most), drops calls at random before the servicer sees them:
+        # CANCELLED with no pushback, which the asyncio client mostly reports as INTERNAL when its first
+        # write races the reset (grpc/grpc#36066). Here they wait their turn, and StreamAdmission refuses
+        # what the ingest cannot take on with RESOURCE_EXHAUSTED and a pushback.
+        ("grpc.server.max_pending_requests", 100_000),
+        ("grpc.server.max_pending_requests_hard_limit", 100_000),
+    ]
+
+
 class Ingest:
     """The ingest node's parts, started and stopped in order (tests run it in-process)."""
 
@@ -244,20 +293,13 @@ class Ingest:
         except AuthError as exc:
             raise ConfigError(str(exc)) from None
         names = Names.of(settings)
-        self.redis = aioredis.Redis.from_url(
-            settings.redis_url, socket_timeout=2.0, socket_connect_timeout=1.0, retry_on_timeout=False
+        self.redis = redis_client.connect(
+            settings, socket_timeout=2.0, socket_connect_timeout=1.0, retry_on_timeout=False
         )
         self.writer = StreamWriter(self.redis, names, settings.stream_retention, settings.max_pending)
         self.server = grpc.aio.server(
             interceptors=[AuthInterceptor(authenticator, (SERVICE_NAME, TASK_SERVICE_NAME))],
-            options=[
-                ("grpc.max_receive_message_length", settings.max_message_bytes),
-                ("grpc.max_concurrent_streams", 100_000),
-                # a fleet reconnecting at once opens thousands of streams within a second; grpc's
-                # default refuses calls beyond 1,000 not yet picked up by the server
-                ("grpc.server_max_pending_requests", 100_000),
-                ("grpc.server_max_pending_requests_hard_limit", 100_000),
-            ],
+            options=grpc_options(settings),
         )
         self.tasks = TaskStore(self.redis, names)
         hb_grpc.add_HeartbeatServiceServicer_to_server(HeartbeatService(self.writer, self.tasks, settings), self.server)
@@ -304,11 +346,19 @@ class Ingest:
         await self.redis.aclose()
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, ops: bool = True) -> None:
+    """Run one ingest until SIGTERM. `ops`: serve /metrics and /healthz (not for one of several processes,
+    whose parent serves them for all: ingest/processes.py)."""
     stop = stop_signal()
     ingest = Ingest(settings)
     await ingest.start()
-    cleanup = await ops_health.serve(settings.ingest_metrics_addr, lambda: bool(ingest.watch.up))
+    # Each open stream keeps a few hundred objects alive for hours, and with the default thresholds the
+    # collector scanned all of them every few seconds while a fleet reconnected: 7.6 s of pauses (up to
+    # 0.7 s each, nothing answered meanwhile) in 30 s of a 20,000-agent storm; 2 s (at most 0.4 s) with
+    # these. Short-lived cycles (a few percent of what a message allocates) are still collected young.
+    gc.set_threshold(*GC_THRESHOLDS)
+    gc.freeze()  # what exists after start-up (code, grpc, the servicers) is never garbage
+    cleanup = await ops_health.serve(settings.ingest_metrics_addr, lambda: bool(ingest.watch.up)) if ops else None
     log.info(
         "ingest listening",
         extra={
@@ -321,5 +371,6 @@ async def serve(settings: Settings) -> None:
     await stop.wait()
     log.info("ingest stopping: draining in-flight calls")
     await ingest.stop()
-    await cleanup()
+    if cleanup is not None:
+        await cleanup()
     log.info("ingest stopped")

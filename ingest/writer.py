@@ -16,7 +16,6 @@ import time
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from heartbeat_registry.beats import now_ms
 from heartbeat_registry.core.columns import Columns
@@ -28,6 +27,8 @@ log = logging.getLogger(__name__)
 TaskNews = dict[str, tuple[str, str]]
 NO_NEWS: TaskNews = {}
 NAN = float("nan")
+LINGER_S = 0.002  # how long a shard's next write waits for more after one that carried next to nothing
+LINGER_BELOW = 4  # heartbeats
 
 
 class Unavailable(Exception):
@@ -170,6 +171,7 @@ class StreamWriter:
         wakeup = self._wakeups[shard]
         names = self._names
         keys = [names.stream(shard), names.latest(shard), names.fenced(shard), names.assigned(shard)]
+        last = LINGER_BELOW  # heartbeats the previous round trip carried
         while True:
             # Look before waiting: a wake-up that arrived during the previous write (close()'s included)
             # may have been consumed already, so the event alone must never decide.
@@ -180,15 +182,25 @@ class StreamWriter:
                 await wakeup.wait()
                 wakeup.clear()
                 continue
+            if last < LINGER_BELOW and self._pending > len(queued) and not self._closing:
+                # The last round trip carried next to nothing while other calls are in flight: at the
+                # rates of unary Beats and of agents' streams each would carry one heartbeat, and each
+                # costs ~100 us of redis-py in this process. Wait a moment for more to join this one.
+                await asyncio.sleep(LINGER_S)
+                queued = self._queues[shard]
             self._queues[shard] = []
             merged = queued[0][0]
             for cols, _ in queued[1:]:
                 merged.extend(cols)
+            last = len(merged)
             try:
                 started = time.perf_counter()
                 reply = await self._script(keys=keys, args=_script_args(merged, self._minid()))
                 metrics.REDIS_ROUNDTRIP.observe(time.perf_counter() - started)
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # whatever the client raises, this shard's writer goes on
+                # RedisError and OSError above all; but a client bug (redis-py's cluster client raises
+                # RedisClusterException, or AttributeError on a connection closed under it) must fail
+                # these writes with UNAVAILABLE too, not end the task and leave their callers waiting
                 self.available = False
                 log.warning(
                     "redis write failed", extra={"error": repr(exc), "shard": shard, "heartbeats": len(merged.agent_id)}

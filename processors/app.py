@@ -28,15 +28,16 @@ import time
 from typing import Any, cast
 
 import faust
-import redis.asyncio as aioredis
 from faust.sensors.prometheus import setup_prometheus_sensors
 from faust.tables.wrappers import WindowWrapper
 from faust.types import StreamT
 from google.protobuf.message import DecodeError
 
 from heartbeat_registry.beats import now_ms
+from heartbeat_registry.core import redis_client
 from heartbeat_registry.core.names import Names
 from heartbeat_registry.core.settings import Settings
+from heartbeat_registry.core.topics import Replication
 from heartbeat_registry.pb import hb
 from processors import faust_adapter, metrics
 from processors.liveness import rules_of
@@ -88,25 +89,33 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
         web_port=int(port),
         web_in_thread=False,
         producer_max_request_size=4 * 1024 * 1024,
+        # faust creates its own topics (the changelogs if the worker had not, the assignor's leader topic)
+        # with these replicas; its producer waits for every in-sync replica (faust's default, said here
+        # because a record acknowledged by the leader alone is lost when that broker dies)
+        topic_replication_factor=settings.kafka_replication_factor,
+        producer_acks=-1,
         datadir=str(datadir),
     )
     faust_adapter.install(app)  # before the first topic: faust builds its transport on demand
     heartbeats = app.topic(names.heartbeats_topic, key_serializer="raw", value_serializer="raw", partitions=partitions)
     events_topic = app.topic(names.events_topic, key_serializer="raw", value_serializer="raw", partitions=partitions)
     # "p<partition>" -> PartitionState.snapshot_meta(); "p<partition>/<chunk>" -> {agent_id: Agent.dump()}
-    snapshots = app.Table("snapshots", default=dict, partitions=partitions)
-    # tumbling windows; key "p<partition>c<chunk>" -> {agent_id: WindowStats.summary()}
+    changelog_configs = Replication.of(settings).configs
+    snapshots = app.Table("snapshots", default=dict, partitions=partitions, extra_topic_configs=changelog_configs)
+    # tumbling windows; key "p<partition>c<chunk>" -> {agent_id: WindowStats.summary()}. Readers get window
+    # rows from the query store (kept HBREG_WINDOW_RETENTION); the worker itself reads back only the rows
+    # a restore needs (`last_beats`: the stall timeout and two windows before the last closed one), so it
+    # keeps those and a minute more for a restart, not an hour of every agent's windows in memory.
+    windows_kept = settings.stall_timeout + 3 * settings.window_size + settings.window_grace + 60.0
     windows = cast(
         WindowWrapper,
-        app.Table("windows", default=dict, partitions=partitions).tumbling(
-            settings.window_size, expires=settings.window_retention
+        app.Table("windows", default=dict, partitions=partitions, extra_topic_configs=changelog_configs).tumbling(
+            settings.window_size, expires=windows_kept
         ),
     )
     states: dict[int, PartitionState] = {}
     last_record: dict[int, float] = {}  # partition -> monotonic time its last record was folded in
-    store = QueryStore(
-        aioredis.Redis.from_url(settings.redis_url, socket_timeout=5.0), names, settings.window_retention
-    )
+    store = QueryStore(redis_client.connect(settings, socket_timeout=5.0), names, settings.window_retention)
     lag = {"raised": False}
 
     def last_beats(partition: int, since: int, until: int) -> dict[str, int]:

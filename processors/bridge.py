@@ -15,58 +15,95 @@ partition and is forwarded without decoding: protobuf concatenation is a merge o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+import uuid
 from collections import defaultdict
 from typing import Any
 
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError, ResponseError
 
 from heartbeat_registry.beats import now_ms
-from heartbeat_registry.core import health
+from heartbeat_registry.core import health, redis_client
 from heartbeat_registry.core.columns import select
 from heartbeat_registry.core.lifecycle import stop_signal
 from heartbeat_registry.core.names import Names, partition_of
+from heartbeat_registry.core.producers import start_producer
 from heartbeat_registry.core.settings import Settings
-from heartbeat_registry.core.topics import ensure_topics, pipeline_topics
+from heartbeat_registry.core.topics import Replication, ensure_topics, pipeline_topics
 from heartbeat_registry.pb import hb
 from processors import metrics
+from processors.shard_leases import ShardLeases
 
 log = logging.getLogger(__name__)
 
 READ_COUNT = 64  # stream entries per shard per read; each entry holds one group commit of the ingest
 MAX_RECORD_BYTES = 512 * 1024
-CLAIM_IDLE_MS = 10_000
-CLAIM_EVERY_S = 5.0
+POLL_S = (
+    0.01  # a unit of several shards reads without blocking (one blocking read per shard would wait for the slowest)
+)
+
+Entry = tuple[str, tuple[bytes, dict[bytes, bytes]]]  # (stream, (entry id, fields))
+
+
+class LeaseLost(Exception):
+    """The unit's lease may have passed to another bridge: stop without forwarding what was read."""
 
 
 class Bridge:
+    """Forwards the shards this bridge holds leases on (processors/shard_leases.py).
+
+    A unit is what one lease covers. When shards and partitions match, a unit is one shard and feeds one
+    partition, so bridges split the shards between them. Otherwise every shard feeds every partition and
+    one watermark must cover all shards: then there is one unit, all shards, and further bridges stand by.
+    Each unit is forwarded by its own task with one XREADGROUP per stream (never one call over several
+    streams: on Redis Cluster the shards live on different nodes).
+    """
+
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: Any,
         producer: AIOKafkaProducer,
         names: Names,
         partitions: int,
         consumer: str,
         watermark_interval: float,
         watermark_slack: float,
+        lease_ttl: float = 3.0,
     ) -> None:
         self._redis = client
         self._producer = producer
         self._names = names
         self._partitions = partitions
-        self._consumer = consumer
         self._interval_ms = int(watermark_interval * 1000)
         self._slack_ms = int(watermark_slack * 1000)
         self._streams = names.streams()
         self._direct = names.shards == partitions
-        self.watermark = 0
+        # one consumer per running bridge: its pending entries are its own until another bridge claims them
+        self.consumer = f"{consumer}-{uuid.uuid4().hex[:8]}"
+        units = range(names.shards) if self._direct else range(1)
+        self._leases = ShardLeases(
+            client, names.bridge_members, [names.bridge_lease(u) for u in units], self.consumer, lease_ttl
+        )
+        self._refresh_s = lease_ttl / 3
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._unit_stops: dict[int, asyncio.Event] = {}
+        self._unit_healthy: dict[int, bool] = {}
         self._last_sent = [0] * partitions  # wall ms of the last record per partition
-        self._last_claim = 0.0
-        self.healthy = False
+        self._marks = [0] * partitions  # watermark per partition
+        self._leases_ok = False
+
+    @property
+    def healthy(self) -> bool:
+        """Leases renewed, and every unit held forwarding (a bridge holding none is a healthy standby)."""
+        return self._leases_ok and all(self._unit_healthy.get(u, False) for u in self._tasks)
+
+    @property
+    def watermark(self) -> int:
+        return min(self._marks)
 
     async def setup(self) -> None:
         for stream in self._streams:
@@ -77,96 +114,162 @@ class Bridge:
                     raise
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Forward until `stop`; a Redis or Kafka error marks the bridge unhealthy and is retried.
-
-        After any error (and at start) what this consumer read but never acknowledged goes first,
-        before the watermark moves past it.
-        """
-        backlog = True
+        """Hold leases and forward the units held until `stop`; then finish the cycles in progress (forward,
+        then XACK), hand the leases back and leave."""
+        leases = self._leases
         while not stop.is_set():
             try:
+                gained, lost, surplus = await leases.refresh()
+                self._leases_ok = True
+            except (RedisError, OSError) as exc:
+                self._leases_ok = False
+                log.warning("bridge lease renewal failed", extra={"error": repr(exc)})
+                gained, lost, surplus = set(), set(), set()
+            for unit in lost:
+                log.warning("bridge lost a shard lease", extra={"unit": unit, "consumer": self.consumer})
+                await self._stop_unit(unit)
+            for unit in surplus:  # handed to a bridge that joined: finish the cycle in progress first
+                self._unit_stops[unit].set()
+                await self._stop_unit(unit)
+                with contextlib.suppress(RedisError, OSError):
+                    await leases.release(unit)
+            for unit in gained:
+                self._unit_healthy[unit] = False
+                self._unit_stops[unit] = asyncio.Event()
+                self._tasks[unit] = asyncio.create_task(self._forward_unit(unit, stop), name=f"bridge-unit-{unit}")
+            if gained or lost or surplus:
+                log.info("bridge shards", extra={"units": sorted(leases.owned), "consumer": self.consumer})
+            metrics.BRIDGE_UNITS.set(len(self._tasks))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._refresh_s)
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        self._tasks.clear()
+        with contextlib.suppress(RedisError, OSError):
+            await leases.leave()
+            await self._forget_consumer()
+
+    async def _stop_unit(self, unit: int) -> None:
+        """Wait for the unit's task once asked to stop; a lost lease cannot wait: its forwarding is
+        refused anyway (LeaseLost), so a cycle blocked on Redis or Kafka is cancelled."""
+        task = self._tasks.pop(unit, None)
+        self._unit_healthy.pop(unit, None)
+        asked = self._unit_stops.pop(unit, asyncio.Event())
+        if task is not None:
+            if not asked.is_set():
+                task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _forget_consumer(self) -> None:
+        """Drop this bridge's consumer from the groups once nothing is pending on it (the group would
+        otherwise keep one consumer per bridge ever started)."""
+        for stream in self._streams:
+            pending = await self._redis.xpending_range(
+                stream, self._names.bridge_group, min="-", max="+", count=1, consumername=self.consumer
+            )
+            if not pending:
+                await self._redis.xgroup_delconsumer(stream, self._names.bridge_group, self.consumer)
+
+    def _unit_streams(self, unit: int) -> list[str]:
+        return [self._streams[unit]] if self._direct else self._streams
+
+    def _unit_partitions(self, unit: int) -> list[int]:
+        return [unit] if self._direct else list(range(self._partitions))
+
+    async def _forward_unit(self, unit: int, stop: asyncio.Event) -> None:
+        """Forward one unit until `stop` or cancellation. First (and after any error) the unit's entries that
+        some consumer read but never acknowledged, before the watermark moves past them."""
+        backlog = True
+        asked = self._unit_stops[unit]
+        while not stop.is_set() and not asked.is_set():
+            try:
                 if backlog:
-                    await self._forward_pending()
+                    await self._claim_pending(unit)
                     backlog = False
-                await self.step()
-                self.healthy = True
+                await self.step(unit)
+                self._unit_healthy[unit] = True
+            except LeaseLost:
+                return
             except (RedisError, KafkaError, OSError) as exc:
-                self.healthy = False
+                self._unit_healthy[unit] = False
                 backlog = True
-                log.warning("bridge cycle failed, retrying", extra={"error": repr(exc)})
+                log.warning("bridge cycle failed, retrying", extra={"error": repr(exc), "unit": unit})
                 await asyncio.sleep(0.5)
 
-    async def _forward_pending(self) -> None:
-        while True:
-            reply = await self._redis.xreadgroup(
-                self._names.bridge_group, self._consumer, {s: "0" for s in self._streams}, count=READ_COUNT
-            )
-            entries = [(s, e) for s, es in _pairs(reply) for e in es]
-            if not entries:
-                return
-            await self._forward(entries)
+    async def _claim_pending(self, unit: int) -> None:
+        """Take over every entry pending in the group on the unit's streams (a stopped bridge's, or ours
+        from a failed cycle) and forward it."""
+        claimed = 0
+        for stream in self._unit_streams(unit):
+            cursor = "0-0"
+            while True:
+                reply = await self._redis.xautoclaim(
+                    stream, self._names.bridge_group, self.consumer, 0, start_id=cursor, count=READ_COUNT
+                )
+                cursor, entries = reply[0], reply[1]
+                if entries:
+                    claimed += len(entries)
+                    await self._forward(unit, [(stream, e) for e in entries], None)
+                if cursor in (b"0-0", "0-0"):
+                    break
+        if claimed:
+            log.warning("claimed unacknowledged entries", extra={"entries": claimed, "unit": unit})
 
-    async def step(self) -> None:
-        """One read-forward-acknowledge cycle; sends watermark ticks even when nothing was read."""
-        if time.monotonic() - self._last_claim > CLAIM_EVERY_S:
-            self._last_claim = time.monotonic()
-            claimed = await self._claim_abandoned()
-            if claimed:
-                await self._forward(claimed)
+    async def step(self, unit: int) -> None:
+        """One read-forward-acknowledge cycle of a unit; sends watermark ticks even when nothing was read."""
+        streams = self._unit_streams(unit)
+        group, consumer = self._names.bridge_group, self.consumer
         started = now_ms()
-        reply = await self._redis.xreadgroup(
-            self._names.bridge_group,
-            self._consumer,
-            {s: ">" for s in self._streams},
-            count=READ_COUNT,
-            block=max(1, self._interval_ms),
-        )
-        entries = [(s, e) for s, es in _pairs(reply) for e in es]
-        # A shard that returned fewer than READ_COUNT entries is drained up to `started`; one that
+        if len(streams) == 1:
+            reply = await self._redis.xreadgroup(
+                group, consumer, {streams[0]: ">"}, count=READ_COUNT, block=max(1, self._interval_ms)
+            )
+            reads = _pairs(reply) or [(streams[0], [])]
+        else:
+            replies = await asyncio.gather(
+                *(self._redis.xreadgroup(group, consumer, {s: ">"}, count=READ_COUNT) for s in streams)
+            )
+            reads = [pair for reply in replies for pair in _pairs(reply)]
+            if not any(es for _, es in reads):
+                await asyncio.sleep(POLL_S)
+        # A stream that returned fewer than READ_COUNT entries is drained up to `started`; one that
         # returned a full read is known only up to the newest heartbeat read from it.
         progress = started - self._slack_ms
-        per_shard: dict[str, int] = defaultdict(int)
-        full = {s for s, es in _pairs(reply) if len(es) >= READ_COUNT}
-        if full:
-            for stream, (_, fields) in entries:
-                if stream in full and fields:
-                    per_shard[stream] = max(per_shard[stream], int(fields.get(b"r", 0)))
-            progress = min([progress, *per_shard.values()])
-        self.watermark = max(self.watermark, progress)
-        await self._forward(entries)
+        for _, es in reads:
+            if len(es) >= READ_COUNT:
+                progress = min(progress, max((int(f.get(b"r", 0)) for _, f in es if f), default=0))
+        await self._forward(unit, [(s, e) for s, es in reads for e in es], progress)
 
-    async def _claim_abandoned(self) -> list[tuple[str, tuple[bytes, dict]]]:
-        out: list[tuple[str, tuple[bytes, dict[bytes, bytes]]]] = []
-        for stream in self._streams:
-            reply = await self._redis.xautoclaim(
-                stream, self._names.bridge_group, self._consumer, CLAIM_IDLE_MS, start_id="0-0", count=READ_COUNT
-            )
-            claimed = reply[1] if reply else []
-            out.extend((stream, e) for e in claimed)
-        if out:
-            log.warning("claimed entries of a stopped bridge", extra={"entries": len(out)})
-        return out
-
-    async def _forward(self, entries: list[tuple[str, tuple[bytes, dict]]]) -> None:
+    async def _forward(self, unit: int, entries: list[Entry], progress: int | None) -> None:
+        """Produce `entries` (and ticks for the unit's quiet partitions), then XACK them. `progress`: how far
+        the unit's streams are now forwarded, None for claimed entries (they move no watermark)."""
+        if not self._leases.holds(unit):
+            raise LeaseLost
+        partitions = self._unit_partitions(unit)
+        if progress is not None:
+            for p in partitions:
+                self._marks[p] = max(self._marks[p], progress)
         chunks: dict[int, list[bytes]] = defaultdict(list)
         heartbeats = 0
-        for stream, (_, fields) in entries:
+        for _, (_, fields) in entries:
             if not fields:  # trimmed away while pending: nothing to forward, only to acknowledge
                 continue
             blob = fields[b"b"]
             heartbeats += int(fields.get(b"n", 0))
             if self._direct:
-                chunks[self._streams.index(stream)].append(blob)
+                chunks[unit].append(blob)
             else:
                 for partition, part in self._split(blob).items():
                     chunks[partition].append(part)
         wall = now_ms()
-        tick = hb.HeartbeatColumns(watermark_ms=self.watermark).SerializeToString()
         sends = []
-        for partition in range(self._partitions):
+        for partition in partitions:
             parts = chunks.get(partition)
-            if not parts and wall - self._last_sent[partition] < self._interval_ms:
+            # claimed entries carry no watermark: this bridge's own may be older than the one the
+            # previous holder already sent for the partition (0 is "none" to the workers)
+            mark = self._marks[partition] if progress is not None else 0
+            if not parts and (not mark or wall - self._last_sent[partition] < self._interval_ms):
                 continue
+            tick = hb.HeartbeatColumns(watermark_ms=mark).SerializeToString()
             for record in _records(parts or [], tick):
                 sends.append(await self._producer.send(self._names.heartbeats_topic, record, partition=partition))
             self._last_sent[partition] = wall
@@ -178,10 +281,8 @@ class Bridge:
             by_stream: dict[str, list[bytes]] = defaultdict(list)
             for stream, (entry_id, _) in entries:
                 by_stream[stream].append(entry_id)
-            pipe = self._redis.pipeline(transaction=False)
-            for stream, ids in by_stream.items():
-                pipe.xack(stream, self._names.bridge_group, *ids)
-            await pipe.execute()
+            group = self._names.bridge_group
+            await asyncio.gather(*(self._redis.xack(s, group, *ids) for s, ids in by_stream.items()))
             metrics.BRIDGE_FORWARDED.inc(heartbeats)
         metrics.BRIDGE_WATERMARK_AGE.set(max(0, wall - self.watermark) / 1000)
 
@@ -196,7 +297,7 @@ class Bridge:
 
 def _pairs(reply: Any) -> list[tuple[str, list[Any]]]:
     """XREADGROUP reply (RESP2): [[stream, [(id, fields), ...]], ...]."""
-    return [(stream.decode(), entries) for stream, entries in reply or []]
+    return [(stream.decode() if isinstance(stream, bytes) else stream, entries) for stream, entries in reply or []]
 
 
 def _records(parts: list[bytes], tick: bytes) -> list[bytes]:
@@ -220,17 +321,17 @@ async def serve(settings: Settings, consumer: str) -> None:
     assert settings.redis_url is not None and settings.kafka_bootstrap is not None
     stop = stop_signal()
     names = Names.of(settings)
-    await ensure_topics(settings.kafka_bootstrap, pipeline_topics(names, settings.topic_partitions))
-    client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
-    producer = AIOKafkaProducer(
+    await ensure_topics(
+        settings.kafka_bootstrap, pipeline_topics(names, settings.topic_partitions, Replication.of(settings))
+    )
+    client = redis_client.connect(settings, socket_timeout=5.0, socket_connect_timeout=2.0)
+    producer = await start_producer(  # acks=all, idempotent
         bootstrap_servers=settings.kafka_bootstrap,
-        acks="all",
         linger_ms=2,
         max_request_size=4 * 1024 * 1024,
         max_batch_size=1024 * 1024,
         request_timeout_ms=15_000,
     )
-    await producer.start()
     bridge = Bridge(
         client,
         producer,
@@ -239,10 +340,11 @@ async def serve(settings: Settings, consumer: str) -> None:
         consumer,
         settings.watermark_interval,
         settings.watermark_slack,
+        settings.bridge_lease,
     )
     await bridge.setup()
     cleanup = await health.serve(settings.bridge_metrics_addr, lambda: bridge.healthy)
-    log.info("bridge running", extra={"consumer": consumer, "streams": len(names.streams())})
+    log.info("bridge running", extra={"consumer": bridge.consumer, "streams": len(names.streams())})
     # A cycle in progress finishes (forward, then XACK) before the loop sees `stop`: nothing half-sent.
     await bridge.run(stop)
     await producer.stop()

@@ -8,6 +8,10 @@ BRIDGE_SEND = Histogram(
     "Time until Kafka acknowledged one forward cycle",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
+BRIDGE_UNITS = Gauge(
+    "hbreg_bridge_shards_held",
+    "Shard leases this bridge holds (all shards count as one when they do not match the partitions)",
+)
 BRIDGE_WATERMARK_AGE = Gauge("hbreg_bridge_watermark_age_seconds", "Wall clock minus the bridge's watermark")
 
 WORKER_HEARTBEATS = Counter("hbreg_worker_heartbeats_total", "Heartbeats processed by this worker")

@@ -14,7 +14,7 @@ from typing import Any
 
 from heartbeat_registry.core.names import Names
 from heartbeat_registry.core.settings import Settings
-from heartbeat_registry.core.topics import ensure_topics, pipeline_topics
+from heartbeat_registry.core.topics import Replication, ensure_topics, pipeline_topics
 from processors import faust_adapter
 
 
@@ -49,7 +49,8 @@ def run(settings: Settings) -> int:
     faust_adapter.verify(settings.allow_untested_versions)
     asyncio.set_event_loop(asyncio.new_event_loop())
     app, status = create_app(settings)
-    topics = pipeline_topics(Names.of(settings), settings.topic_partitions) + faust_adapter.changelog_topics(app)
+    topics = pipeline_topics(Names.of(settings), settings.topic_partitions, Replication.of(settings))
+    topics += faust_adapter.changelog_topics(app)
     asyncio.get_event_loop().run_until_complete(ensure_topics(settings.kafka_bootstrap, topics))
     # The worker keeps one small object graph per agent and allocates per heartbeat: with the default
     # thresholds the collector ran hundreds of times a second; this makes young collections rarer and

@@ -25,12 +25,12 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge
 
 from heartbeat_registry.beats import now_ms
-from heartbeat_registry.core import health
+from heartbeat_registry.core import health, redis_client
 from heartbeat_registry.core.lifecycle import stop_signal
 from heartbeat_registry.core.names import Names
 from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.core.tasks import ORPHANED, TaskStore
-from heartbeat_registry.core.topics import ensure_topics, pipeline_topics
+from heartbeat_registry.core.topics import Replication, ensure_topics, pipeline_topics
 from heartbeat_registry.pb import hb
 from sinks.alerts import Alert, change_for, orphan_alert
 
@@ -232,8 +232,11 @@ async def serve(settings: Settings) -> None:
         await stop.wait()
         await cleanup()
         return
-    await ensure_topics(settings.kafka_bootstrap, pipeline_topics(Names.of(settings), settings.topic_partitions))
-    client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=5.0)
+    await ensure_topics(
+        settings.kafka_bootstrap,
+        pipeline_topics(Names.of(settings), settings.topic_partitions, Replication.of(settings)),
+    )
+    client = redis_client.connect(settings, socket_timeout=5.0)
     sink = AlertSink(settings, client, urls)
     await sink.start()
     log.info("alertmanager sink running", extra={"members": ",".join(urls), "resend_s": settings.alert_resend})

@@ -21,11 +21,11 @@ from aiokafka import AIOKafkaConsumer
 from prometheus_client import Counter, Histogram
 
 from heartbeat_registry.beats import now_ms
-from heartbeat_registry.core import health
+from heartbeat_registry.core import health, redis_client
 from heartbeat_registry.core.lifecycle import stop_signal
 from heartbeat_registry.core.names import Names
 from heartbeat_registry.core.settings import Settings
-from heartbeat_registry.core.topics import ensure_topics, reassignment_topics
+from heartbeat_registry.core.topics import Replication, ensure_topics, reassignment_topics
 from heartbeat_registry.core.views import RegistryEntry
 from heartbeat_registry.pb import hb, hb_grpc
 
@@ -128,8 +128,10 @@ async def serve(settings: Settings) -> None:
     assert settings.redis_url is not None and settings.kafka_bootstrap is not None
     stop = stop_signal()
     names = Names.of(settings)
-    await ensure_topics(settings.kafka_bootstrap, reassignment_topics(names, settings.topic_partitions))
-    client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=5.0)
+    await ensure_topics(
+        settings.kafka_bootstrap, reassignment_topics(names, settings.topic_partitions, Replication.of(settings))
+    )
+    client = redis_client.connect(settings, socket_timeout=5.0)
     consumer = AIOKafkaConsumer(
         names.reassignments_topic,
         bootstrap_servers=settings.kafka_bootstrap,

@@ -34,12 +34,13 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge, Histogram
 
 from heartbeat_registry.beats import now_ms
-from heartbeat_registry.core import health
+from heartbeat_registry.core import health, redis_client
 from heartbeat_registry.core.lifecycle import stop_signal
 from heartbeat_registry.core.names import Names, partition_of
+from heartbeat_registry.core.producers import start_producer
 from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.core.tasks import ORPHANED, Outcome, TaskStore
-from heartbeat_registry.core.topics import ensure_topics, pipeline_topics, reassignment_topics
+from heartbeat_registry.core.topics import Replication, ensure_topics, pipeline_topics, reassignment_topics
 from heartbeat_registry.core.views import RegistryEntry
 from heartbeat_registry.pb import hb
 from sinks import reassign_policy
@@ -306,8 +307,7 @@ class ReassignSink:
     async def _expire_loop(self, stop: asyncio.Event) -> None:
         """On the replica that owns partition 0: assignments past their deadline become ASSIGNMENT_EXPIRED
         events (the orphaned-task gauges are kept there too)."""
-        producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, acks="all")
-        await producer.start()
+        producer = await start_producer(bootstrap_servers=self.settings.kafka_bootstrap)
         try:
             while not stop.is_set():
                 await asyncio.sleep(EXPIRY_EVERY_S)
@@ -356,9 +356,10 @@ async def serve(settings: Settings) -> None:
     names = Names.of(settings)
     await ensure_topics(
         settings.kafka_bootstrap,
-        pipeline_topics(names, settings.topic_partitions) + reassignment_topics(names, settings.topic_partitions),
+        pipeline_topics(names, settings.topic_partitions, Replication.of(settings))
+        + reassignment_topics(names, settings.topic_partitions, Replication.of(settings)),
     )
-    client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=5.0, max_connections=REDIS_CONNECTIONS)
+    client = redis_client.connect(settings, socket_timeout=5.0, max_connections=REDIS_CONNECTIONS)
     sink = ReassignSink(settings, client)
     await sink.start()
     cleanup = await health.serve(settings.reassign_metrics_addr, lambda: sink.healthy)

@@ -12,16 +12,18 @@ import dataclasses
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import redis
 
 from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.hbreg import services
 from tests import procs
 
-SERVICE_FIXTURES = {"valkey_url", "kafka_bootstrap", "tansu_bootstrap"}
+SERVICE_FIXTURES = {"valkey_url", "valkey_cluster_url", "valkey_cluster_nodes", "kafka_bootstrap", "tansu_bootstrap"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -55,6 +57,93 @@ def valkey_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield f"redis://127.0.0.1:{port}"
     finally:
         procs.stop(proc)
+
+
+CLUSTER_SLOTS = 16384
+# the core pipeline tests run once per Redis: `pytestmark = [..., BOTH_REDIS]` in their module
+BOTH_REDIS = pytest.mark.parametrize("redis_backend", ["single", "cluster"])
+
+
+def form_cluster(ports: list[int], bus_ports: list[int], timeout: float = 30.0) -> None:
+    """Slots split in equal ranges over the nodes, then they meet; returns once every node reports the
+    cluster ok and knows the whole slot map (no valkey-cli in the wheel: this is what `--cluster create`
+    does, without replicas)."""
+    clients = [redis.Redis(host="127.0.0.1", port=p) for p in ports]
+    try:
+        bounds = [CLUSTER_SLOTS * i // len(ports) for i in range(len(ports) + 1)]
+        for client, low, high in zip(clients, bounds[:-1], bounds[1:], strict=True):
+            client.execute_command("CLUSTER", "ADDSLOTSRANGE", low, high - 1)
+        for port, bus in zip(ports[1:], bus_ports[1:], strict=True):
+            clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", port, bus)
+        deadline = time.monotonic() + timeout
+        while True:
+            infos = [client.cluster("INFO") for client in clients]
+            if all(
+                i["cluster_state"] == "ok"
+                and int(i["cluster_known_nodes"]) == len(ports)
+                and int(i["cluster_slots_ok"]) == CLUSTER_SLOTS
+                for i in infos
+            ) and all(len(client.execute_command("CLUSTER", "SLOTS")) == len(ports) for client in clients):
+                return
+            assert time.monotonic() < deadline, f"the Valkey cluster did not form within {timeout:.0f} s: {infos}"
+            time.sleep(0.1)
+    finally:
+        for client in clients:
+            client.close()
+
+
+def start_cluster_nodes(
+    tmp_path_factory: pytest.TempPathFactory, count: int
+) -> list[tuple[subprocess.Popen, int, int]]:
+    """`count` Valkey processes with cluster mode on, not yet in a cluster: (process, port, bus port)."""
+    nodes = []
+    try:
+        for _ in range(count):
+            port, bus = services.free_port(), services.free_port()
+            data = tmp_path_factory.mktemp("valkey-cluster")
+            command = services.valkey_command(port, data, durable=False) + [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(data / "nodes.conf"),
+                "--cluster-node-timeout",
+                "2000",
+                "--cluster-port",
+                str(bus),
+            ]
+            nodes.append((subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port, bus))
+        for _, port, _ in nodes:
+            services.wait_port("127.0.0.1", port, 15, "valkey cluster node")
+    except BaseException:
+        for proc, _, _ in nodes:
+            procs.stop(proc)
+        raise
+    return nodes
+
+
+@pytest.fixture(scope="session")
+def valkey_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Three Valkey masters forming one Redis Cluster (slots split in thirds, no replicas); the URL of the
+    first is the seed node the clients discover the others from."""
+    nodes = start_cluster_nodes(tmp_path_factory, 3)
+    try:
+        form_cluster([port for _, port, _ in nodes], [bus for _, _, bus in nodes])
+        yield f"redis://127.0.0.1:{nodes[0][1]}"
+    finally:
+        for proc, _, _ in nodes:
+            procs.stop(proc)
+
+
+@pytest.fixture
+def valkey_cluster_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[tuple[subprocess.Popen, int, int]]]:
+    """Four cluster-enabled Valkey processes of the test's own, in no cluster yet, for a test that kills
+    one (the session's cluster must stay whole): (process, port, bus port)."""
+    nodes = start_cluster_nodes(tmp_path_factory, 4)
+    try:
+        yield nodes
+    finally:
+        for proc, _, _ in nodes:
+            procs.stop(proc)
 
 
 @pytest.fixture(scope="session")
@@ -96,8 +185,19 @@ def make_settings(tmp_path, prefix: str, **values) -> Settings:
 
 
 @pytest.fixture
-def settings(tmp_path, prefix: str, valkey_url: str) -> Settings:
+def redis_backend() -> str:
+    """Which Redis `settings` point at: "single" (the session's Valkey), or "cluster" (the Valkey cluster)
+    where a module parametrizes it (BOTH_REDIS)."""
+    return "single"
+
+
+@pytest.fixture
+def settings(tmp_path, prefix: str, valkey_url: str, redis_backend: str, request: pytest.FixtureRequest) -> Settings:
     """Redis only; tests that need Kafka use `pipeline_settings`."""
+    if redis_backend == "cluster":
+        return make_settings(
+            tmp_path, prefix, redis_url=request.getfixturevalue("valkey_cluster_url"), redis_cluster=True
+        )
     return make_settings(tmp_path, prefix, redis_url=valkey_url)
 
 

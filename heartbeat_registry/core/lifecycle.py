@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import sys
@@ -56,3 +57,13 @@ def exit_on_sigterm() -> None:
     """For synchronous tools (the benchmarks): SIGTERM unwinds the stack like Ctrl-C, so the services
     they started are stopped by their context managers instead of being orphaned."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+def die_with_parent() -> None:
+    """For a child process, before exec: the kernel sends it SIGTERM when its parent dies, so a
+    supervisor killed with SIGKILL leaves nothing behind."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass

@@ -1,7 +1,14 @@
 """Every Redis key, Kafka topic and consumer-group name, derived from the settings in one place.
 
-Stream shards carry a hash tag (`{s3}`) so that a shard's stream, registry and fence keys share one
-Redis Cluster slot; a shard write is then one pipelined round trip to one node.
+Redis Cluster hashes only the part of a key in `{...}`, and a script or command may touch keys of one
+slot only, so the keys that meet carry the same tag:
+- `{sN}`, stream shard N: the stream, the registry (`latest`), the agents' `fenced` and `assigned` hashes
+  (the ingest's WRITE_SHARD script takes all four: a shard write is one round trip to one node) and the
+  bridge's lease of the shard. An agent's fences and offers go to the shard its heartbeats go to.
+- `{kN}`, task shard N (core/tasks.py): the tasks hash, each task's history and the state indexes, all
+  changed in one script.
+- Everything else is read and written one key per command, so it carries no tag and spreads by name.
+The tags leave out the key prefix, so deployments (or tests) sharing a cluster share these slots.
 """
 
 from __future__ import annotations
@@ -99,6 +106,16 @@ class Names:
     def alert_notifications(self) -> str:
         """List of the notifications Alertmanager delivered to our webhook receiver (JSON), newest first."""
         return f"{self.key_prefix}:alerts:notifications"
+
+    def bridge_lease(self, unit: int) -> str:
+        """String: the instance id of the bridge forwarding this unit (a shard, in the shard's slot), with a
+        time to live (processors/shard_leases.py)."""
+        return f"{self.key_prefix}:{{s{unit}}}:bridge-lease"
+
+    @property
+    def bridge_members(self) -> str:
+        """Zset bridge instance id -> expiry (ms): the bridges alive, so each takes its share of the shards."""
+        return f"{self.key_prefix}:bridges"
 
     @property
     def bridge_group(self) -> str:

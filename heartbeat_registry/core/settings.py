@@ -105,6 +105,13 @@ def _file(text: str) -> pathlib.Path:
     return path
 
 
+def _processes(text: str) -> int:
+    """A count, or `auto`: one per core this process may run on."""
+    if text.strip().lower() == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return _positive_int(text)
+
+
 REASONS = ("silent", "hung", "overdue")
 
 
@@ -115,6 +122,14 @@ def _reasons(text: str) -> tuple[str, ...]:
     if any(r not in REASONS for r in found):
         raise ValueError
     return found
+
+
+def _local(text: str) -> str:
+    from heartbeat_registry.relay import is_local  # the relay's own rule: agents send it no token
+
+    if not is_local(text):
+        raise ValueError
+    return text
 
 
 def _level(text: str) -> str:
@@ -128,6 +143,7 @@ PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "seconds": (_seconds, "a number of seconds > 0 (or with a unit: 250ms, 30s, 5m, 24h, 7d)"),
     "positive": (_positive, "a number > 0"),
     "count": (_positive_int, "a whole number > 0"),
+    "processes": (_processes, "a whole number > 0, or auto (one per core)"),
     "address": (_address, "HOST:PORT"),
     "redis_url": (_redis_url, "a redis:// rediss:// or unix:// URL"),
     "bootstrap": (_bootstrap, "HOST:PORT[,HOST:PORT...]"),
@@ -139,6 +155,7 @@ PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "switch": (_switch, "on or off (1/0, true/false, yes/no)"),
     "file": (_file, "the path of an existing file"),
     "text": (str, "text"),
+    "local": (_local, "unix:///PATH or a loopback HOST:PORT"),
     "reasons": (_reasons, "a comma-separated list of silent, hung, overdue, or none"),
 }
 
@@ -158,11 +175,16 @@ class Settings:
 
     grpc_addr: str = _field("127.0.0.1:50051", "address", "where the ingest serves gRPC")
     redis_url: str | None = _field(None, "redis_url", "Redis/Valkey; unset: `hbreg up` starts Valkey")
+    redis_cluster: bool = _field(False, "switch", "HBREG_REDIS_URL is the seed node of a Redis Cluster")
     kafka_bootstrap: str | None = _field(None, "bootstrap", "Kafka brokers; unset: `hbreg up` starts Kafka")
     stall_timeout: float = _field(
         5.0, "seconds", "seconds of silence after which an agent that has not left is stalled"
     )
     topic_partitions: int = _field(8, "count", "partitions of the `heartbeats` and `agent-events` topics")
+    kafka_replication_factor: int = _field(1, "count", "replicas of every topic the registry creates")
+    kafka_min_insync_replicas: int = _field(
+        1, "count", "`min.insync.replicas` of every topic; with acks=all a write needs this many replicas"
+    )
     stream_shards: int = _field(8, "count", "Redis stream shards (hash-tagged, ready for Redis Cluster)")
     stream_retention: float = _field(3600.0, "seconds", "Redis stream entries older than this are trimmed")
     window_size: float = _field(10.0, "seconds", "tumbling window of the per-agent health table")
@@ -170,10 +192,16 @@ class Settings:
         1.0, "seconds", "a window closes this long after the pipeline clock passed its end (late heartbeats)"
     )
     watermark_interval: float = _field(0.1, "seconds", "how often the bridge sends watermark ticks")
+    bridge_lease: float = _field(
+        3.0, "seconds", "a stopped bridge's shards pass to the other bridges this long after its last renewal"
+    )
     watermark_slack: float = _field(0.2, "seconds", "allowed receive-to-Redis delay the watermark trails by")
     key_prefix: str = _field("hbreg", "prefix", "prefix of every Redis key")
     topic_prefix: str = _field("", "prefix", "prefix of every Kafka topic and consumer group")
     state_dir: pathlib.Path = _field(_default_state_dir(), "path", "where `hbreg up` keeps state and data")
+    ingest_processes: int = _field(
+        1, "processes", "ingest processes sharing the gRPC port (SO_REUSEPORT) under `hbreg ingest` and `hbreg up`"
+    )
     ingest_metrics_addr: str = _field("127.0.0.1:9464", "address", "ingest /metrics and /healthz")
     bridge_metrics_addr: str = _field("127.0.0.1:9465", "address", "bridge /metrics and /healthz")
     worker_web_addr: str = _field("127.0.0.1:6066", "address", "faust worker web server (/metrics)")
@@ -191,6 +219,9 @@ class Settings:
     max_message_bytes: int = _field(4 * 1024 * 1024, "count", "largest gRPC request accepted")
     max_clock_skew: float = _field(3600.0, "seconds", "agent timestamps further off the server clock are refused")
     max_pending: int = _field(200_000, "count", "heartbeats waiting for Redis before the ingest refuses more")
+    stream_open_rate: float = _field(
+        1000.0, "positive", "new BeatStreams per second one ingest process takes on; more are refused with a pushback"
+    )
     http_addr: str = _field("127.0.0.1:8080", "address", "the query API and the dashboard (HTTP)")
     http_auth: str | None = _field(
         None,
@@ -230,9 +261,25 @@ class Settings:
     alert_resend: float = _field(60.0, "seconds", "firing alerts are sent again this often (endsAt = 4 x this ahead)")
     orphan_alert: float = _field(60.0, "seconds", "a task without an owner this long raises TaskOrphaned")
     alerts_metrics_addr: str = _field("127.0.0.1:9468", "address", "the Alertmanager sink's /metrics and /healthz")
+    relay: str | None = _field(None, "local", "the host relay agents beat through; unset: straight to the ingest")
+    relay_addr: str = _field("127.0.0.1:50052", "local", "where `hbreg relay` serves the agents of its host")
+    relay_token: str | None = _field(None, "text", "the relay token `hbreg relay` sends to the ingest")
+    relay_flush: float = _field(0.005, "seconds", "`hbreg relay` sends what arrived in this long as one BeatBatch")
+    relay_tls_ca: pathlib.Path | None = _field(None, "file", "CA of the ingest's certificate: `hbreg relay` uses TLS")
+    relay_tls_cert: pathlib.Path | None = _field(None, "file", "`hbreg relay`'s client certificate (mutual TLS)")
+    relay_tls_key: pathlib.Path | None = _field(None, "file", "private key of HBREG_RELAY_TLS_CERT (PEM)")
+    relay_metrics_addr: str = _field("127.0.0.1:9469", "address", "the relay's /metrics and /healthz")
     allow_untested_versions: bool = _field(
         False, "switch", "let the worker start on faust-streaming/aiokafka versions its hooks were not verified on"
     )
+
+    def __post_init__(self) -> None:
+        # a topic whose min.insync.replicas exceeds its replicas refuses every acks=all write
+        if self.kafka_min_insync_replicas > self.kafka_replication_factor:
+            raise ConfigError(
+                f"HBREG_KAFKA_MIN_INSYNC_REPLICAS={self.kafka_min_insync_replicas} exceeds "
+                f"HBREG_KAFKA_REPLICATION_FACTOR={self.kafka_replication_factor}: no write could ever succeed"
+            )
 
     @classmethod
     def from_env(
@@ -273,6 +320,8 @@ class Settings:
         for name in ("grpc_addr", "http_addr"):
             if recorded.get(name) and getattr(self, name) == _DEFAULTS[name]:
                 fill[name] = recorded[name]
+        if recorded.get("redis_cluster") and "redis_url" in fill:  # the recorded URL is a cluster's seed
+            fill["redis_cluster"] = True
         if self.auth_secret is None and self.auth_secret_file is None and recorded.get("auth_secret_file"):
             fill["auth_secret_file"] = pathlib.Path(recorded["auth_secret_file"])
         return dataclasses.replace(self, **fill) if fill else self

@@ -292,19 +292,17 @@ class TaskStore:
     def __init__(self, client: aioredis.Redis, names: Names) -> None:
         self._redis = client
         self._names = names
-        self._scripts = {
-            name: client.register_script(source)
-            for name, source in (
-                ("orphan", ORPHAN),
-                ("assign", ASSIGN),
-                ("confirm", CONFIRM),
-                ("expire", EXPIRE),
-                ("note", NOTE),
-                ("fence", FENCE),
-                ("offer", OFFER),
-                ("withdraw", WITHDRAW),
-            )
+        self._sources = {
+            "orphan": ORPHAN,
+            "assign": ASSIGN,
+            "confirm": CONFIRM,
+            "expire": EXPIRE,
+            "note": NOTE,
+            "fence": FENCE,
+            "offer": OFFER,
+            "withdraw": WITHDRAW,
         }
+        self._scripts = {name: client.register_script(source) for name, source in self._sources.items()}
 
     def _task_keys(self, task_id: str) -> list[str]:
         n = self._names
@@ -325,6 +323,13 @@ class TaskStore:
         reply = await self._scripts[name](keys=keys, args=list(args))
         return [_text(v) for v in reply] if isinstance(reply, list) else [_text(reply)]
 
+    def _queue(self, pipe: aioredis.client.Pipeline, name: str, keys: list[str], *args: str | int) -> None:
+        """A script call in a pipeline, sent as EVAL with its source: redis-py's cluster pipeline refuses
+        EVALSHA (it could not load a script a node lacks in the middle of a pipeline), and the few KB of
+        source cost less than the SCRIPT EXISTS round trip a single-node pipeline makes before EVALSHA.
+        Redis caches the compiled script by its hash either way."""
+        pipe.eval(self._sources[name], len(keys), *keys, *args)
+
     async def orphan_many(self, stalls: Sequence[tuple[str, str, str, str, str, int]]) -> list[Outcome]:
         """Stalls of (task, agent, reason, event_id, position, first_seen_ms), of distinct tasks: the records
         first (idempotent), then the fences (idempotent), each in one pipelined round trip, so that a crash
@@ -334,16 +339,12 @@ class TaskStore:
         now = now_ms()
         pipe = self._redis.pipeline(transaction=False)
         for task, agent, reason, event_id, at, first_seen in stalls:
-            await self._scripts["orphan"](
-                keys=self._task_keys(task), args=[task, agent, reason, event_id, at, now, first_seen], client=pipe
-            )
+            self._queue(pipe, "orphan", self._task_keys(task), task, agent, reason, event_id, at, now, first_seen)
         outcomes = [Outcome(_text(r[0]), int(_text(r[1])), _text(r[2])) for r in await pipe.execute()]
         pipe = self._redis.pipeline(transaction=False)
         for (task, agent, *_), outcome in zip(stalls, outcomes, strict=True):
             if outcome.outcome in ("applied", "redo"):
-                await self._scripts["fence"](
-                    keys=self._agent_keys(agent), args=[agent, task, outcome.epoch], client=pipe
-                )
+                self._queue(pipe, "fence", self._agent_keys(agent), agent, task, outcome.epoch)
         if len(pipe):
             await pipe.execute()
         return outcomes

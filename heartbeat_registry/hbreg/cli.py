@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import sys
@@ -57,7 +58,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     settings = _settings(args, use_state=False)
     setup_logging("up", settings.log_level)
-    return asyncio.run(up.up(settings, demo=args.demo, demo_stall_fraction=args.demo_stall_fraction))
+    replicas = up.parse_replicas(args.replicas) if args.replicas else None
+    return asyncio.run(up.up(settings, demo=args.demo, demo_stall_fraction=args.demo_stall_fraction, replicas=replicas))
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -137,7 +139,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.suite == "recovery":
         from heartbeat_registry.hbreg.bench import recovery
 
-        results = recovery.run(args.stalls, args.kills, args.redis_url, args.kafka_bootstrap)
+        results = recovery.run(args.stalls, args.kills or 40, args.redis_url, args.kafka_bootstrap)
+    elif args.suite == "scale":
+        from heartbeat_registry.hbreg.bench import scale
+
+        results = scale.run(args.agents or 100_000, args.interval, duration or 600.0, args.relays, args.kills or 100)
     elif args.suite == "tune":
         from heartbeat_registry.hbreg.bench import tune
 
@@ -176,9 +182,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from heartbeat_registry.core import lifecycle
+
+    settings = _settings(args)
+    if settings.ingest_processes > 1:
+        from ingest import processes
+
+        return lifecycle.run("ingest", settings, processes.serve, uvloop=True)
     from ingest.server import serve
 
-    return lifecycle.run("ingest", _settings(args), serve, uvloop=False)
+    return lifecycle.run("ingest", settings, functools.partial(serve, ops=not args.no_ops), uvloop=False)
 
 
 def cmd_bridge(args: argparse.Namespace) -> int:
@@ -220,6 +232,17 @@ def cmd_alerter(args: argparse.Namespace) -> int:
     from sinks.alertmanager import serve
 
     return lifecycle.run("alerter", _settings(args), serve, uvloop=True)
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from heartbeat_registry.core import lifecycle
+    from heartbeat_registry.hbreg.relay import serve
+
+    flags = {"relay_addr": args.listen, "relay_flush": args.flush}
+    settings = dataclasses.replace(_settings(args), **{k: v for k, v in flags.items() if v is not None})
+    return lifecycle.run("relay", settings, serve, uvloop=False)
 
 
 def cmd_alerts(args: argparse.Namespace) -> int:
@@ -311,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", parents=[common], help="run the whole system (embedded Valkey and Kafka by default)")
     p.add_argument("--demo", type=_arg("count"), default=0, metavar="N", help="also run N simulated agents")
     p.add_argument("--demo-stall-fraction", type=_arg("fraction"), default=0.15, metavar="F", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--replicas",
+        metavar="NAME=N,...",
+        help="run several of a process, e.g. ingest=2,bridge=2,worker=2,query=2,reassign=2,alerter=2",
+    )
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("simulate", parents=[common], help="run simulated agents against a running ingest")
@@ -380,23 +408,32 @@ def build_parser() -> argparse.ArgumentParser:
         "suite",
         nargs="?",
         default="ingest",
-        choices=("ingest", "pipeline", "detection", "recovery", "dashboard", "tune"),
+        choices=("ingest", "pipeline", "detection", "recovery", "dashboard", "tune", "scale"),
         help="what to benchmark (default: ingest)",
     )
     p.add_argument("--heartbeats", type=_arg("count"), default=1_000_000, help="pipeline, tune: backlog size")
     p.add_argument(
-        "--agents", type=_arg("count"), default=None, help="detection: fleet size (default 1000); dashboard: (10000)"
+        "--agents",
+        type=_arg("count"),
+        default=None,
+        help="detection: fleet size (default 1000); dashboard: (10000); scale: (100000)",
+    )
+    p.add_argument("--interval", type=_arg("seconds"), default=10.0, help="scale: each agent's beat interval (10s)")
+    p.add_argument(
+        "--relays", type=_arg("count"), default=None, help="scale: host relays (default 1 per 10,000 agents)"
     )
     p.add_argument("--changes", type=_arg("count"), default=1000, help="dashboard: agents turning stalled, timed")
     p.add_argument("--stalls", type=_arg("count"), default=20_000, help="recovery: the sink's backlog of stall events")
-    p.add_argument("--kills", type=_arg("count"), default=40, help="recovery: owners killed in the live phase")
+    p.add_argument(
+        "--kills", type=_arg("count"), default=None, help="recovery: owners killed (40); scale: agents silenced (100)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(
         "--duration",
         type=_arg("seconds"),
         default=None,
         help="seconds of measurement per mode (default 10); pipeline: of the live phase (default 20); "
-        "detection: of the fault schedule (default 60)",
+        "detection: of the fault schedule (default 60); scale: of the whole run (default 600)",
     )
     p.add_argument("--modes", default="beat,batch,stream,fleet", help="comma-separated modes to run")
     p.set_defaults(func=cmd_bench)
@@ -436,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("ingest", parents=[common], help="run the gRPC ingest server")
+    # a child of `hbreg ingest` with HBREG_INGEST_PROCESSES > 1: its parent serves /metrics and /healthz
+    p.add_argument("--no-ops", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_ingest)
     p = sub.add_parser("bridge", parents=[common], help="run the Redis Streams -> Kafka bridge")
     p.add_argument("--name", default="bridge-1", help="consumer name in the Redis consumer group")
@@ -454,6 +493,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_assigner)
     p = sub.add_parser("alerter", parents=[common], help="run the Alertmanager sink (agent-events -> alerts)")
     p.set_defaults(func=cmd_alerter)
+    p = sub.add_parser(
+        "relay",
+        parents=[common],
+        help="run the host relay: this host's agents beat through it, it sends the ingest one BeatBatch per flush",
+    )
+    p.add_argument("--listen", type=_arg("local"), help="unix:///PATH or a loopback HOST:PORT (HBREG_RELAY_ADDR)")
+    p.add_argument("--flush", type=_arg("seconds"), help="batching delay, e.g. 5ms (HBREG_RELAY_FLUSH)")
+    p.set_defaults(func=cmd_relay)
     p = sub.add_parser(
         "alerts",
         parents=[common],

@@ -25,6 +25,7 @@ import subprocess
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 
 from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.errors import ConfigError, ServiceError
@@ -32,6 +33,8 @@ from heartbeat_registry.errors import ConfigError, ServiceError
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[2]
 KAFKA_POM = PROJECT_ROOT / "infra" / "kafka" / "pom.xml"
 KAFKA_HEAP = "512m"
+KAFKA_CLUSTER_HEAP = "384m"  # each node of a test cluster: three of them share two cores and the pipeline
+BROKER_SESSION_MS = 4000
 
 
 @functools.cache
@@ -79,10 +82,20 @@ def valkey_binary() -> str:
     return str(get_binary_path())
 
 
+VALKEY_CONFIG = PROJECT_ROOT / "infra" / "valkey" / "valkey.conf"
+
+
 def valkey_command(port: int, data_dir: pathlib.Path, durable: bool) -> list[str]:
-    """Durable: append-only file fsynced on every write, so an acknowledged heartbeat survives a
-    restart of Valkey (the ingest's group commit makes that one fsync per round trip, not per beat)."""
+    """Durable: the production configuration, infra/valkey/valkey.conf (append-only file fsynced before
+    every reply, noeviction), so an acknowledged heartbeat survives a restart of Valkey (the ingest's group
+    commit makes that one fsync per round trip, not per beat); only where it listens, keeps its files and
+    logs differs here. Otherwise a throwaway in-memory Valkey."""
     data_dir.mkdir(parents=True, exist_ok=True)
+    if durable:
+        if not VALKEY_CONFIG.is_file():
+            raise ServiceError(f"the Valkey configuration {VALKEY_CONFIG} is missing (a source checkout has it)")
+        local = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--loglevel", "warning"]
+        return [valkey_binary(), str(VALKEY_CONFIG), *local, "--logfile", ""]
     cmd = [
         valkey_binary(),
         "--port",
@@ -99,11 +112,9 @@ def valkey_command(port: int, data_dir: pathlib.Path, durable: bool) -> list[str
         "warning",
         "--logfile",
         "",
+        "--appendonly",
+        "no",
     ]
-    if durable:
-        cmd += ["--appendonly", "yes", "--appendfsync", "always"]
-    else:
-        cmd += ["--appendonly", "no"]
     return cmd
 
 
@@ -144,51 +155,104 @@ def why_not_kafka() -> str:
 
 def kafka_command(port: int, data_dir: pathlib.Path) -> list[str]:
     """Write the KRaft config, format the log directory once, and return the broker's command line."""
-    java = java_17()
-    if java is None or not kafka_available():
-        raise ServiceError(f"cannot start Apache Kafka: {why_not_kafka()}")
+    jvm = _kafka_jvm(KAFKA_HEAP)
     data_dir.mkdir(parents=True, exist_ok=True)
     config = data_dir / "server.properties"
     controller_port = free_port()
     logs = data_dir / "logs"
-    config.write_text(
-        "\n".join(
-            [
-                "process.roles=broker,controller",
-                "node.id=1",
-                f"controller.quorum.bootstrap.servers=127.0.0.1:{controller_port}",
-                f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-                f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
-                "controller.listener.names=CONTROLLER",
-                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-                "inter.broker.listener.name=PLAINTEXT",
-                f"log.dirs={logs}",
-                "num.partitions=1",
-                "offsets.topic.replication.factor=1",
-                "offsets.topic.num.partitions=8",
-                "transaction.state.log.replication.factor=1",
-                "transaction.state.log.min.isr=1",
-                "share.coordinator.state.topic.replication.factor=1",
-                "share.coordinator.state.topic.min.isr=1",
-                "group.initial.rebalance.delay.ms=0",
-                "auto.create.topics.enable=false",
-                "log.retention.hours=24",
-                "log.segment.bytes=67108864",
-                "",
-            ]
-        )
+    quorum = f"controller.quorum.bootstrap.servers=127.0.0.1:{controller_port}"
+    config.write_text(_kafka_properties(1, port, controller_port, logs, quorum, 1))
+    _format_kafka(jvm, config, logs, cluster_id(), "--standalone")
+    return [*jvm, "kafka.Kafka", str(config)]
+
+
+def kafka_cluster_commands(
+    ports: Sequence[int], controller_ports: Sequence[int], data_dir: pathlib.Path
+) -> list[list[str]]:
+    """A KRaft cluster of one node per port (each broker + controller, node ids 1..n, a static quorum of
+    all of them), formatted once under `data_dir/node<id>`: the command lines, in node order.
+
+    The cluster's own topics (consumer offsets, transactions) get min(3, n) replicas and 2 in sync, so
+    losing one node of three loses no offset or transaction. A killed node is fenced (and its partitions'
+    leadership moved) after BROKER_SESSION_MS instead of Kafka's 9 s default, so fault tests stay short."""
+    if len(ports) != len(controller_ports) or not ports:
+        raise ValueError("one controller port per broker port, at least one node")
+    jvm = _kafka_jvm(KAFKA_CLUSTER_HEAP)
+    voters = ",".join(f"{node}@127.0.0.1:{c}" for node, c in enumerate(controller_ports, 1))
+    cluster = cluster_id()
+    fencing = (
+        f"broker.session.timeout.ms={BROKER_SESSION_MS}",
+        f"broker.heartbeat.interval.ms={BROKER_SESSION_MS // 4}",
     )
-    classpath = f"{kafka_libs()}/*"
-    jvm = [
+    commands = []
+    for node, (port, controller_port) in enumerate(zip(ports, controller_ports, strict=True), 1):
+        node_dir = data_dir / f"node{node}"
+        node_dir.mkdir(parents=True, exist_ok=True)
+        config, logs = node_dir / "server.properties", node_dir / "logs"
+        quorum = f"controller.quorum.voters={voters}"
+        config.write_text(_kafka_properties(node, port, controller_port, logs, quorum, min(3, len(ports)), fencing))
+        _format_kafka(jvm, config, logs, cluster)  # a static quorum: no --standalone, no --initial-controllers
+        commands.append([*jvm, "kafka.Kafka", str(config)])
+    return commands
+
+
+def _kafka_jvm(heap: str) -> list[str]:
+    java = java_17()
+    if java is None or not kafka_available():
+        raise ServiceError(f"cannot start Apache Kafka: {why_not_kafka()}")
+    return [
         java,
-        f"-Xmx{KAFKA_HEAP}",
+        f"-Xmx{heap}",
         "-Xms128m",
         "-XX:+UseSerialGC",
         "-Xshare:auto",
         f"-Dlog4j2.configurationFile={PROJECT_ROOT / 'infra' / 'kafka' / 'log4j2.properties'}",
         "-cp",
-        classpath,
+        f"{kafka_libs()}/*",
     ]
+
+
+def _kafka_properties(
+    node: int,
+    port: int,
+    controller_port: int,
+    logs: pathlib.Path,
+    quorum: str,
+    replicas: int,
+    extra: Sequence[str] = (),
+) -> str:
+    """server.properties of one broker + controller node; `replicas` of the cluster's own topics."""
+    in_sync = min(2, replicas)
+    return "\n".join(
+        [
+            "process.roles=broker,controller",
+            f"node.id={node}",
+            quorum,
+            f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+            "controller.listener.names=CONTROLLER",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name=PLAINTEXT",
+            f"log.dirs={logs}",
+            "num.partitions=1",
+            f"offsets.topic.replication.factor={replicas}",
+            "offsets.topic.num.partitions=8",
+            f"transaction.state.log.replication.factor={replicas}",
+            f"transaction.state.log.min.isr={in_sync}",
+            f"share.coordinator.state.topic.replication.factor={replicas}",
+            f"share.coordinator.state.topic.min.isr={in_sync}",
+            "group.initial.rebalance.delay.ms=0",
+            "auto.create.topics.enable=false",
+            "log.retention.hours=24",
+            "log.segment.bytes=67108864",
+            *extra,
+            "",
+        ]
+    )
+
+
+def _format_kafka(jvm: list[str], config: pathlib.Path, logs: pathlib.Path, cluster: str, *flags: str) -> None:
+    """Format a fresh log directory (any previous one is removed: the embedded broker starts empty)."""
     if logs.exists():
         shutil.rmtree(logs)
     subprocess.run(
@@ -196,9 +260,9 @@ def kafka_command(port: int, data_dir: pathlib.Path) -> list[str]:
             *jvm,
             "kafka.tools.StorageTool",
             "format",
-            "--standalone",
+            *flags,
             "--ignore-formatted",
-            f"--cluster-id={cluster_id()}",
+            f"--cluster-id={cluster}",
             "-c",
             str(config),
         ],
@@ -206,7 +270,6 @@ def kafka_command(port: int, data_dir: pathlib.Path) -> list[str]:
         capture_output=True,
         timeout=60,
     )
-    return [*jvm, "kafka.Kafka", str(config)]
 
 
 def cluster_id() -> str:

@@ -23,12 +23,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import Counter
 
 from heartbeat_registry.beats import now_ms
-from heartbeat_registry.core import health
+from heartbeat_registry.core import health, redis_client
 from heartbeat_registry.core.lifecycle import stop_signal
 from heartbeat_registry.core.names import Names
 from heartbeat_registry.core.settings import Settings
@@ -196,7 +195,7 @@ class QueryServer:
         assert settings.redis_url is not None and settings.kafka_bootstrap is not None
         dashboard.check_auth_setting(settings)
         self.settings = settings
-        self.redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=5.0)
+        self.redis = redis_client.connect(settings, socket_timeout=5.0)
         self.query = Query(settings, self.redis)
         self.events = EventLog(settings.kafka_bootstrap, Names.of(settings).events_topic)
         self.live = Live(self.query, self.events, PipelineHealth(settings))
@@ -211,7 +210,8 @@ class QueryServer:
         self._runner = web.AppRunner(build_app(self.query, self.events, self.live), access_log=None)
         await self._runner.setup()
         host, _, port = self.settings.http_addr.rpartition(":")
-        await web.TCPSite(self._runner, host, int(port)).start()
+        # replicas of the query API may share the port (`hbreg up --replicas query=2`)
+        await web.TCPSite(self._runner, host, int(port), reuse_port=True).start()
 
     async def stop(self) -> None:
         self.live.close()

@@ -47,6 +47,16 @@ def test_malformed_value_names_the_variable(var: str, value: str, expects: str) 
     assert "\n" not in message
 
 
+def test_min_insync_replicas_cannot_exceed_the_replicas() -> None:
+    env = {"HBREG_KAFKA_REPLICATION_FACTOR": "3", "HBREG_KAFKA_MIN_INSYNC_REPLICAS": "2"}
+    assert Settings.from_env(env, use_state=False).kafka_min_insync_replicas == 2  # the control
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({**env, "HBREG_KAFKA_MIN_INSYNC_REPLICAS": "4"}, use_state=False)
+    message = str(err.value)
+    assert message.startswith("HBREG_KAFKA_MIN_INSYNC_REPLICAS=4 exceeds HBREG_KAFKA_REPLICATION_FACTOR=3")
+    assert "\n" not in message
+
+
 def test_readme_documents_every_variable() -> None:
     readme = (ROOT / "README.md").read_text()
     missing = [var for var, _, _ in describe() if var not in readme]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-import redis.asyncio as aioredis
 
+from heartbeat_registry.core import redis_client
 from heartbeat_registry.core.names import Names, partition_of
 from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.core.tasks import (
@@ -18,11 +18,14 @@ from heartbeat_registry.core.tasks import (
     parse_fences,
     parse_offers,
 )
+from tests.conftest import BOTH_REDIS
+
+pytestmark = BOTH_REDIS
 
 
 @pytest.fixture
 async def store(settings: Settings) -> AsyncIterator[TaskStore]:
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = redis_client.connect(settings)
     try:
         yield TaskStore(client, Names.of(settings))
     finally:
@@ -35,7 +38,7 @@ async def orphan(store: TaskStore, *stall: str | int) -> Outcome:
 
 
 async def agent_entries(settings: Settings, agent: str) -> tuple[dict[str, int], list]:
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = redis_client.connect(settings)
     names = Names.of(settings)
     shard = partition_of(agent, names.shards)
     try:

@@ -6,6 +6,7 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
+from heartbeat_registry.core import redis_client
 from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.pb import hb_grpc
 from ingest.server import Ingest
@@ -29,7 +30,7 @@ async def stub(ingest: Ingest, settings: Settings) -> AsyncIterator[hb_grpc.Hear
 
 @pytest.fixture
 async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = redis_client.connect(settings)
     try:
         yield client
     finally:

@@ -13,6 +13,9 @@ from heartbeat_registry.core.names import Names, partition_of
 from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.core.views import RegistryEntry
 from heartbeat_registry.pb import hb
+from tests.conftest import BOTH_REDIS
+
+pytestmark = BOTH_REDIS
 
 
 def beat(agent: str, seq: int = 1, **changes) -> hb.Heartbeat:

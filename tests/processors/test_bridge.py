@@ -10,19 +10,21 @@ import time
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
+from heartbeat_registry.core import redis_client
 from heartbeat_registry.core.names import Names, partition_of
 from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.core.topics import ensure_topics, pipeline_topics
+from heartbeat_registry.hbreg import services
 from heartbeat_registry.pb import hb, hb_grpc
 from ingest.server import Ingest
 from processors.bridge import Bridge
 from tests import procs
+from tests.conftest import BOTH_REDIS
 from tests.kafka_helpers import columns, eventually, read_records
 
-pytestmark = pytest.mark.kafka
+pytestmark = [pytest.mark.kafka, BOTH_REDIS]
 
 
 BASE = int(time.time() * 1000) - 600_000  # agent timestamps near the server clock, unique per heartbeat
@@ -51,7 +53,7 @@ def delivered(records: list) -> collections.Counter:
 async def run_bridge(settings: Settings, stop: asyncio.Event, consumer: str = "bridge-1") -> Bridge:
     names = Names.of(settings)
     await ensure_topics(settings.kafka_bootstrap, pipeline_topics(names, settings.topic_partitions))
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = redis_client.connect(settings)
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=2)
     await producer.start()
     bridge = Bridge(client, producer, names, settings.topic_partitions, consumer, 0.1, 0.2)
@@ -136,7 +138,7 @@ async def test_at_least_once_after_bridge_crash(pipeline_settings: Settings, tmp
         records = await read_records(
             settings.kafka_bootstrap, names.heartbeats_topic, lambda rs: len(delivered(rs)) >= total, timeout=60
         )
-        client = aioredis.Redis.from_url(settings.redis_url)
+        client = redis_client.connect(settings)
 
         async def nothing_pending() -> bool:
             return all([(await client.xpending(s, names.bridge_group))["pending"] == 0 for s in names.streams()])
@@ -148,3 +150,63 @@ async def test_at_least_once_after_bridge_crash(pipeline_settings: Settings, tmp
         await ingest.stop()
     counts = delivered(records)
     assert set(counts) == set(range(1, total + 1)), "an acknowledged heartbeat never reached Kafka"
+
+
+async def test_two_bridges_split_the_shards_and_one_takes_over_when_the_other_is_killed(
+    pipeline_settings: Settings, tmp_path
+) -> None:
+    settings = dataclasses.replace(pipeline_settings, bridge_lease=1.5)
+    names = Names.of(settings)
+    client = redis_client.connect(settings)
+    ingest = Ingest(settings)
+    await ingest.start()
+    bridges = [
+        procs.hbreg(
+            ["bridge", "--name", f"b{i}"],
+            dataclasses.replace(settings, bridge_metrics_addr=f"127.0.0.1:{services.free_port()}"),
+            tmp_path / f"bridge{i}.log",
+        )
+        for i in (1, 2)
+    ]
+
+    async def owners() -> list[str]:
+        return [(v or b"").decode() for v in [await client.get(names.bridge_lease(s)) for s in range(names.shards)]]
+
+    async def split_evenly() -> bool:
+        held = await owners()
+        return all(held) and sorted(collections.Counter(o.rsplit("-", 1)[0] for o in held).values()) == [2, 2]
+
+    total = 40_000
+    try:
+        await eventually(split_evenly, timeout=20)
+        async with grpc.aio.insecure_channel(settings.grpc_addr) as channel:
+            stub = hb_grpc.HeartbeatServiceStub(channel)
+            for n, start in enumerate(range(1, total + 1, 500)):
+                await stub.BeatBatch(batch(start, 500))
+                if n == 40:
+                    procs.stop(bridges[0], signal.SIGKILL)  # its shards' leases expire; b2 claims its pending entries
+
+        async def b2_holds_all() -> bool:
+            return {o.rsplit("-", 1)[0] for o in await owners()} == {"b2"}
+
+        await eventually(b2_holds_all, timeout=20)
+        records = await read_records(
+            settings.kafka_bootstrap, names.heartbeats_topic, lambda rs: len(delivered(rs)) >= total, timeout=60
+        )
+
+        async def nothing_pending() -> bool:
+            return all([(await client.xpending(s, names.bridge_group))["pending"] == 0 for s in names.streams()])
+
+        await eventually(nothing_pending, timeout=10)
+    finally:
+        for bridge in bridges:
+            procs.stop(bridge)
+        await ingest.stop()
+        await client.aclose()
+    assert set(delivered(records)) == set(range(1, total + 1)), "an acknowledged heartbeat never reached Kafka"
+    per_partition: dict[int, list[int]] = collections.defaultdict(list)
+    for record, cols in zip(records, columns(records), strict=True):
+        if cols.watermark_ms:  # 0: none yet (a bridge that just took a shard over forwards its backlog first)
+            per_partition[record.partition].append(cols.watermark_ms)
+    for marks in per_partition.values():  # one forwarder per partition at a time: its clock never goes back
+        assert marks == sorted(marks)

@@ -10,9 +10,10 @@ import pytest
 from heartbeat_registry.core.names import Names
 from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.pb import hb
+from tests.conftest import BOTH_REDIS
 from tests.kafka_helpers import read_events
 
-pytestmark = pytest.mark.kafka
+pytestmark = [pytest.mark.kafka, BOTH_REDIS]
 
 
 def beat(agent: str, status: int = hb.RUNNING) -> hb.Heartbeat:

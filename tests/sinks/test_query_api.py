@@ -14,9 +14,10 @@ import pytest
 
 from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.pb import hb
+from tests.conftest import BOTH_REDIS
 from tests.processors.conftest import running_pipeline
 
-pytestmark = pytest.mark.kafka
+pytestmark = [pytest.mark.kafka, BOTH_REDIS]
 
 
 def get(settings: Settings, path: str) -> tuple[int, dict]:

@@ -20,11 +20,12 @@ from heartbeat_registry.core.tokens import ASSIGNER, mint
 from heartbeat_registry.hbreg.simulate import Fleet
 from heartbeat_registry.pb import hb, hb_grpc
 from tests import procs
+from tests.conftest import BOTH_REDIS
 from tests.kafka_helpers import eventually, read_events
 from tests.processors.conftest import running_pipeline
 from tests.sinks.conftest import reassignments, start_sink
 
-pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+pytestmark = [pytest.mark.kafka, pytest.mark.slow, BOTH_REDIS]
 SECRET = "recovery-test-secret-0123456789-0123456789"
 
 

@@ -21,9 +21,8 @@ import random
 import time
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from heartbeat_registry.beats import now_ms
+from heartbeat_registry.core import redis_client
 from heartbeat_registry.core.names import Names, partition_of
 from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.core.views import ALIVE, STALLED, AgentView
@@ -82,7 +81,7 @@ class FakeFleet:
 
     def __init__(self, settings: Settings, count: int) -> None:
         assert settings.redis_url is not None
-        self.redis = aioredis.Redis.from_url(settings.redis_url)
+        self.redis = redis_client.connect(settings)
         self.names = Names.of(settings)
         self.partitions = settings.topic_partitions
         now = now_ms()

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from heartbeat_registry.beats import heartbeat, now_ms
+from heartbeat_registry.core import redis_client
 from heartbeat_registry.core.names import Names, partition_of
 from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.core.topics import ensure_topics, pipeline_topics
@@ -85,11 +86,9 @@ def synthetic(total: int, partitions: int) -> Iterator[tuple[int, hb.HeartbeatCo
 
 
 async def bridge_rate(settings: Settings, total: int, log_dir: Any) -> float:
-    import redis.asyncio as aioredis
-
     names = Names.of(settings)
     assert settings.redis_url is not None
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = redis_client.connect(settings)
     pipe = client.pipeline(transaction=False)
     for _, cols in synthetic(total, settings.stream_shards):
         if not cols.agent_id:

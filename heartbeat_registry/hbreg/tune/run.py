@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from heartbeat_registry.beats import now_ms
+from heartbeat_registry.core import redis_client
 from heartbeat_registry.core.events import EventReader
 from heartbeat_registry.core.names import Names
 from heartbeat_registry.core.settings import Settings
@@ -256,10 +257,8 @@ def tune(
 
 def keep_report(settings: Settings, page: str) -> None:
     """The latest report, where the query API serves it (`/reports/tune`, linked from the dashboard)."""
-    import redis
-
     assert settings.redis_url is not None
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_client.connect_sync(settings)
     try:
         client.set(Names.of(settings).tune_report, page)
     finally:

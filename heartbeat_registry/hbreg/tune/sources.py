@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from google.protobuf.message import DecodeError
 
+from heartbeat_registry.core import redis_client
 from heartbeat_registry.core.columns import select
 from heartbeat_registry.core.names import Names, partition_of
 from heartbeat_registry.core.settings import Settings
@@ -99,7 +100,7 @@ async def redis_records(settings: Settings, partitions: list[int], from_ms: int,
     """The stream entries received from `from_ms` to `to_ms`, as records of `partitions`."""
     assert settings.redis_url is not None
     names = Names.of(settings)
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = redis_client.connect(settings)
     wanted = set(partitions)
     interval = int(settings.watermark_interval * 1000)
     slack = int(settings.watermark_slack * 1000)
