@@ -53,6 +53,7 @@ AGENTS_PER_RELAY = 10_000
 RELAY_FLUSH_S = 0.01
 SLACK_MS = 500  # the allowance past the stall timeout
 RETENTION_S = 300.0
+WINDOW_INTERVALS = 6  # beats per window row
 
 
 class Fleet:
@@ -241,6 +242,9 @@ def run(
             base,
             "s",
             stall_timeout=timeout,
+            # a window per agent should hold several beats: at one beat every 10 s, 10 s windows would
+            # write one row per heartbeat (the worker's and the query store's main cost at this scale)
+            window_size=WINDOW_INTERVALS * interval,
             max_batch=5000,
             # retained for 5 minutes, so Redis reaches its steady size within a 10-minute run
             stream_retention=RETENTION_S,
@@ -276,6 +280,7 @@ def run(
             "relay_flush_ms": RELAY_FLUSH_S * 1000,
             "stall_timeout_s": timeout,
             "retention_s": RETENTION_S,
+            "window_s": WINDOW_INTERVALS * interval,
             "sent": fleet.sent,
             "accepted": fleet.accepted,
             "refused": dict(fleet.refused),
