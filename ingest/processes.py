@@ -20,9 +20,9 @@ import signal
 import sys
 import tempfile
 import time
+from typing import Any
 
-from aiohttp import web
-
+from heartbeat_registry.core import health as ops_health
 from heartbeat_registry.core.lifecycle import die_with_parent, stop_signal
 from heartbeat_registry.core.settings import Settings
 
@@ -100,38 +100,17 @@ class Children:
             await asyncio.gather(*(p.wait() for p in live))
 
 
-async def _ops(addr: str, children: Children) -> web.AppRunner:
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
-
-    async def metrics(_: web.Request) -> web.Response:
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        body = await asyncio.to_thread(generate_latest, registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def healthz(_: web.Request) -> web.Response:
-        running = children.running()
-        redis_up = _redis_up()
-        ok = running == children.count and redis_up
-        body = {"ok": ok, "processes": children.count, "running": running, "restarts": children.restarts}
-        return web.json_response(body, status=200 if ok else 503)
-
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    host, _, port = addr.rpartition(":")
-    await web.TCPSite(runner, host, int(port)).start()
-    return runner
-
-
-def _redis_up() -> bool:
-    """Every live child reaches Redis: hbreg_ingest_redis_up merged with `livemin`."""
+def _merged_metrics() -> Any:
+    """The children's metrics, read from their files at every collection."""
     from prometheus_client import CollectorRegistry, multiprocess
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
+    return registry
+
+
+def _redis_up(registry: Any) -> bool:
+    """Every live child reaches Redis: hbreg_ingest_redis_up merged with `livemin`."""
     for family in registry.collect():
         if family.name == "hbreg_ingest_redis_up":
             return bool(family.samples) and all(s.value == 1 for s in family.samples)
@@ -141,16 +120,17 @@ def _redis_up() -> bool:
 async def serve(settings: Settings) -> None:
     stop = stop_signal()
     metrics_dir = tempfile.mkdtemp(prefix="hbreg-ingest-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    env = {
-        **os.environ,
-        "HBREG_INGEST_PROCESSES": "1",
-        "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
-    }
-    children = Children(settings.ingest_processes, env)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # for the children, and the collector here
+    children = Children(settings.ingest_processes, {**os.environ, "HBREG_INGEST_PROCESSES": "1"})
     for index in range(children.count):
         await children.start(index)
-    runner = await _ops(settings.ingest_metrics_addr, children)
+    merged = _merged_metrics()
+    cleanup = await ops_health.serve(
+        settings.ingest_metrics_addr,
+        lambda: children.running() == children.count and _redis_up(merged),
+        registry=merged,
+        details=lambda: {"processes": children.count, "running": children.running(), "restarts": children.restarts},
+    )
     log.info(
         "ingest processes running",
         extra={"processes": children.count, "grpc_addr": settings.grpc_addr, "ops_addr": settings.ingest_metrics_addr},
@@ -161,5 +141,5 @@ async def serve(settings: Settings) -> None:
     finally:
         log.info("ingest processes stopping", extra={"uptime_s": round(time.monotonic() - started, 1)})
         await children.stop()
-        await runner.cleanup()
+        await cleanup()
         shutil.rmtree(metrics_dir, ignore_errors=True)
