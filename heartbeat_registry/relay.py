@@ -573,20 +573,25 @@ async def _abort(context: grpc.aio.ServicerContext, refusal: RelayRefused) -> No
     await context.abort(refusal.code, refusal.details)
 
 
-def is_local(addr: str) -> bool:
-    """`unix:PATH` / `unix:///PATH`, or `HOST:PORT` with a loopback HOST."""
-    if addr.startswith("unix:"):
-        return bool(addr[len("unix:") :].lstrip("/"))
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        return False
-    host = host.strip("[]")
+def on_loopback(addr: str) -> bool:
+    """`HOST:PORT` whose HOST is this machine only (`localhost`, 127.0.0.0/8, ::1)."""
+    host = addr.rpartition(":")[0].strip("[]")
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def is_local(addr: str) -> bool:
+    """`unix:PATH` / `unix:///PATH`, or `HOST:PORT` with a loopback HOST."""
+    if addr.startswith("unix:"):
+        return bool(addr[len("unix:") :].lstrip("/"))
+    _, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        return False
+    return on_loopback(addr)
 
 
 def listen(server: grpc.aio.Server, addr: str) -> int:

@@ -16,7 +16,6 @@ import asyncio
 import base64
 import hashlib
 import hmac
-import ipaddress
 import pathlib
 import re
 from collections.abc import Awaitable, Callable
@@ -25,6 +24,7 @@ from aiohttp import web
 
 from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.errors import ConfigError
+from heartbeat_registry.relay import on_loopback
 from sinks.web import params
 from sinks.web.live import Live
 from sinks.web.queries import Query
@@ -43,16 +43,6 @@ HEADERS = {
 }
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
-
-
-def on_loopback(addr: str) -> bool:
-    host = addr.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_auth_setting(settings: Settings) -> None:
