@@ -18,7 +18,7 @@ import pytest
 
 from heartbeat_registry.beats import now_ms
 from heartbeat_registry.pb import hb, hb_grpc
-from tests.core.test_up import up_env
+from tests.core.test_up import up_env_on
 from tests.kafka_helpers import columns, read_events, read_records
 
 pytestmark = pytest.mark.kafka
@@ -67,12 +67,11 @@ class Fleet:
 async def test_two_replicas_of_every_process_survive_killing_one_of_each(
     tmp_path, valkey_url: str, kafka_bootstrap: str, prefix: str
 ) -> None:
-    env = up_env(
+    env = up_env_on(
         tmp_path,
-        HBREG_REDIS_URL=valkey_url,
-        HBREG_KAFKA_BOOTSTRAP=kafka_bootstrap,
-        HBREG_KEY_PREFIX=prefix,
-        HBREG_TOPIC_PREFIX=prefix + "-",
+        valkey_url,
+        kafka_bootstrap,
+        prefix,
         HBREG_TOPIC_PARTITIONS="4",
         HBREG_STREAM_SHARDS="4",
         HBREG_STALL_TIMEOUT="2",

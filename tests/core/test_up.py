@@ -65,6 +65,18 @@ def up_env(tmp_path, **extra: str) -> dict[str, str]:
     return env
 
 
+def up_env_on(tmp_path, valkey_url: str, kafka_bootstrap: str, prefix: str, **extra: str) -> dict[str, str]:
+    """`up_env` on the session's Valkey and Kafka, isolated by `prefix` (no embedded broker to start)."""
+    return up_env(
+        tmp_path,
+        HBREG_REDIS_URL=valkey_url,
+        HBREG_KAFKA_BOOTSTRAP=kafka_bootstrap,
+        HBREG_KEY_PREFIX=prefix,
+        HBREG_TOPIC_PREFIX=prefix + "-",
+        **extra,
+    )
+
+
 def test_up_runs_the_demo_and_stops_cleanly(tmp_path) -> None:
     if not services.kafka_available():
         pytest.fail(f"needs the real Apache Kafka broker: {services.why_not_kafka()}")
@@ -155,13 +167,7 @@ def test_ctrl_c_with_stdout_gone_still_stops_everything(tmp_path, valkey_url: st
     """`hbreg up | tee log`, then Ctrl-C: tee dies with it, so stdout is a closed pipe; every process still
     stops and the state file goes."""
     prefix = "up" + os.urandom(4).hex()
-    env = up_env(
-        tmp_path,
-        HBREG_REDIS_URL=valkey_url,
-        HBREG_KAFKA_BOOTSTRAP=kafka_bootstrap,
-        HBREG_KEY_PREFIX=prefix,
-        HBREG_TOPIC_PREFIX=prefix + "-",
-    )
+    env = up_env_on(tmp_path, valkey_url, kafka_bootstrap, prefix)
     state_file = tmp_path / "state" / "state.json"
     up = subprocess.Popen(
         [sys.executable, "-m", "heartbeat_registry", "up", "--demo", "2"],

@@ -61,7 +61,8 @@ def socket_dir() -> Iterator[str]:
 
 
 @pytest.fixture
-def auth_settings(settings: Settings, socket_dir: str) -> Settings:
+def settings(settings: Settings, socket_dir: str) -> Settings:
+    """The package's settings with auth on and a relay: conftest's `ingest` serves these."""
     return dataclasses.replace(
         settings,
         auth=True,
@@ -74,18 +75,8 @@ def auth_settings(settings: Settings, socket_dir: str) -> Settings:
 
 
 @pytest.fixture
-async def ingest(auth_settings: Settings) -> AsyncIterator[Ingest]:
-    node = Ingest(auth_settings)
-    await node.start()
-    try:
-        yield node
-    finally:
-        await node.stop(grace=0.5)
-
-
-@pytest.fixture
-async def relay_server(ingest: Ingest, auth_settings: Settings) -> AsyncIterator[RelayServer]:
-    node = RelayServer(auth_settings)
+async def relay_server(ingest: Ingest, settings: Settings) -> AsyncIterator[RelayServer]:
+    node = RelayServer(settings)
     await node.start()
     try:
         yield node
@@ -94,15 +85,15 @@ async def relay_server(ingest: Ingest, auth_settings: Settings) -> AsyncIterator
 
 
 @pytest.fixture
-async def agents(relay_server: RelayServer, auth_settings: Settings) -> AsyncIterator[hb_grpc.HeartbeatServiceStub]:
+async def agents(relay_server: RelayServer, settings: Settings) -> AsyncIterator[hb_grpc.HeartbeatServiceStub]:
     """What an agent of the host holds: a stub on the relay's socket, and no token."""
-    async with grpc.aio.insecure_channel(auth_settings.relay_addr) as channel:
+    async with grpc.aio.insecure_channel(settings.relay_addr) as channel:
         yield hb_grpc.HeartbeatServiceStub(channel)
 
 
 @pytest.fixture
-async def redis(auth_settings: Settings) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(auth_settings.redis_url)
+async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(settings.redis_url)
     try:
         yield client
     finally:
@@ -124,13 +115,13 @@ def sample(name: str, **labels: str) -> float:
 
 
 async def test_many_agents_each_get_their_own_reply_and_directives(
-    agents: hb_grpc.HeartbeatServiceStub, redis: aioredis.Redis, auth_settings: Settings
+    agents: hb_grpc.HeartbeatServiceStub, redis: aioredis.Redis, settings: Settings
 ) -> None:
     """200 agents beat at once over their own BeatStreams to the relay's socket: the ingest sees a few
     BeatBatch requests and no stream; each agent gets its own seq back, and the fenced one alone ABANDON."""
-    names = Names.of(auth_settings)
+    names = Names.of(settings)
     fenced = "host7-agent-7"
-    await redis.hset(names.fenced(partition_of(fenced, auth_settings.stream_shards)), fenced, f"{fenced}-t 3")
+    await redis.hset(names.fenced(partition_of(fenced, settings.stream_shards)), fenced, f"{fenced}-t 3")
     by_batch = sample("hbreg_ingest_heartbeats_accepted_total", rpc="batch")
     by_stream = sample("hbreg_ingest_heartbeats_accepted_total", rpc="stream")
     batches = sample("hbreg_relay_batches_total")
@@ -157,7 +148,7 @@ async def test_many_agents_each_get_their_own_reply_and_directives(
 
 
 async def test_a_bad_heartbeat_and_a_foreign_agent_are_refused_alone(
-    agents: hb_grpc.HeartbeatServiceStub, redis: aioredis.Redis, auth_settings: Settings
+    agents: hb_grpc.HeartbeatServiceStub, redis: aioredis.Redis, settings: Settings
 ) -> None:
     """In one flush: an invalid heartbeat gets INVALID_ARGUMENT naming its field, an agent outside the
     relay token's patterns PERMISSION_DENIED, each without the batch index; the others are acknowledged."""
@@ -176,12 +167,12 @@ async def test_a_bad_heartbeat_and_a_foreign_agent_are_refused_alone(
     assert all(isinstance(r, hb.BeatReply) and r.seq == 5 for r in results), results
     assert len({r.received_ms for r in results}) == 1, "the good beats did not travel in one batch"
     assert sample("hbreg_relay_batches_total") - batches == 1
-    rows = await stored(redis, Names.of(auth_settings))
+    rows = await stored(redis, Names.of(settings))
     assert sorted(a for a, _, _ in rows) == sorted(names), "refused beats were stored, or good ones lost"
 
 
 async def test_a_passed_through_batch_is_accepted_or_refused_whole(
-    agents: hb_grpc.HeartbeatServiceStub, redis: aioredis.Redis, auth_settings: Settings
+    agents: hb_grpc.HeartbeatServiceStub, redis: aioredis.Redis, settings: Settings
 ) -> None:
     """A BeatBatch sent to the relay keeps the ingest's contract: all or none, the index its own."""
     good = hb.BeatBatchRequest(heartbeats=[beat("host7-b1"), beat("host7-b2")])
@@ -193,16 +184,16 @@ async def test_a_passed_through_batch_is_accepted_or_refused_whole(
     assert isinstance(refusal, grpc.aio.AioRpcError) and refusal.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert refusal.details().startswith("heartbeats[1].status: "), refusal.details()
     assert isinstance(results[2], hb.BeatReply)
-    rows = await stored(redis, Names.of(auth_settings))
+    rows = await stored(redis, Names.of(settings))
     assert sorted(a for a, _, _ in rows) == ["host7-b1", "host7-b2", "host7-single"]
 
 
 async def test_an_agents_beats_stay_in_order_when_a_batch_is_sent_again(
-    ingest: Ingest, redis: aioredis.Redis, auth_settings: Settings
+    ingest: Ingest, redis: aioredis.Redis, settings: Settings
 ) -> None:
     """Batches of two, four in flight: the first batch holds a bad beat, so it goes to the ingest twice.
     The agent's second beat waits for its first instead of overtaking it in another batch."""
-    relay = Relay(auth_settings.grpc_addr, token=relay_token(), flush=0.05, max_batch=2)
+    relay = Relay(settings.grpc_addr, token=relay_token(), flush=0.05, max_batch=2)
     async with relay:
         first = asyncio.ensure_future(relay.submit(beat("host7-bad", cpu_util=-1.0)))
         rest = [asyncio.ensure_future(relay.submit(beat("host7-a", seq=s))) for s in (1, 2, 3)]
@@ -212,31 +203,31 @@ async def test_an_agents_beats_stay_in_order_when_a_batch_is_sent_again(
         replies = await asyncio.gather(*rest, other)
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and err.value.details.startswith("cpu_util: ")
     assert [r.seq for r in replies] == [1, 2, 3, 9]
-    rows = await stored(redis, Names.of(auth_settings))
+    rows = await stored(redis, Names.of(settings))
     assert [seq for agent, _, seq in rows if agent == "host7-a"] == [1, 2, 3]
     assert [agent for agent, _, _ in rows if agent == "host7-z"] == ["host7-z"]
 
 
 async def test_the_client_library_beats_through_the_relay(
-    relay_server: RelayServer, auth_settings: Settings, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+    relay_server: RelayServer, settings: Settings, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No token on the agent: `relay=` (or HBREG_RELAY) is all it takes; ABANDON still cancels its task."""
-    names = Names.of(auth_settings)
+    names = Names.of(settings)
 
     async def latest(agent: str) -> RegistryEntry | None:
-        value = await redis.hget(names.latest(partition_of(agent, auth_settings.stream_shards)), agent)
+        value = await redis.hget(names.latest(partition_of(agent, settings.stream_shards)), agent)
         return RegistryEntry.decode(agent, value) if value else None
 
     # the control: the same agent straight to the ingest, without a token, is refused
-    direct = AsyncHeartbeatClient("host7-lib", auth_settings.grpc_addr, interval=0.05, relay="")
+    direct = AsyncHeartbeatClient("host7-lib", settings.grpc_addr, interval=0.05, relay="")
     async with direct:
         await eventually(lambda: direct.error is not None, 5)
     assert direct.error is not None and direct.error.code == "UNAUTHENTICATED"
 
-    client = AsyncHeartbeatClient("host7-lib", relay=auth_settings.relay_addr, interval=0.05)
+    client = AsyncHeartbeatClient("host7-lib", relay=settings.relay_addr, interval=0.05)
     async with client:
         await eventually(lambda: client.beats_acknowledged >= 3, 5)
-        await redis.hset(names.fenced(partition_of("host7-lib", auth_settings.stream_shards)), "host7-lib", "job-9 4")
+        await redis.hset(names.fenced(partition_of("host7-lib", settings.stream_shards)), "host7-lib", "job-9 4")
         with pytest.raises(TaskAbandoned) as abandoned:
             async with client.task("job-9"):
                 await asyncio.sleep(5)
@@ -245,16 +236,16 @@ async def test_the_client_library_beats_through_the_relay(
     assert entry is not None and entry.status == hb.STOPPING  # left on purpose, through the relay
 
     # HBREG_RELAY wins over the endpoints given: here an address where nothing listens
-    monkeypatch.setenv("HBREG_RELAY", auth_settings.relay_addr)
+    monkeypatch.setenv("HBREG_RELAY", settings.relay_addr)
     env_client = AsyncHeartbeatClient("host7-env", f"127.0.0.1:{services.free_port()}", interval=0.05)
     async with env_client:
         await eventually(lambda: env_client.beats_acknowledged >= 1, 5)
-    assert env_client.endpoint == auth_settings.relay_addr and await latest("host7-env") is not None
+    assert env_client.endpoint == settings.relay_addr and await latest("host7-env") is not None
 
 
-async def test_close_drains_what_is_queued(ingest: Ingest, redis: aioredis.Redis, auth_settings: Settings) -> None:
+async def test_close_drains_what_is_queued(ingest: Ingest, redis: aioredis.Redis, settings: Settings) -> None:
     """A flush of 30 s: nothing leaves until close(), which sends the queue and answers every beat."""
-    relay = Relay(auth_settings.grpc_addr, token=relay_token(), flush=30.0)
+    relay = Relay(settings.grpc_addr, token=relay_token(), flush=30.0)
     await relay.start()
     waiting = [asyncio.ensure_future(relay.submit(beat(f"host7-d{n}"))) for n in range(50)]
     await asyncio.sleep(0.3)
@@ -264,20 +255,18 @@ async def test_close_drains_what_is_queued(ingest: Ingest, redis: aioredis.Redis
     assert time.monotonic() - started < 5
     replies = [w.result() for w in waiting]
     assert len({r.received_ms for r in replies}) == 1
-    assert len(await stored(redis, Names.of(auth_settings))) == 50
+    assert len(await stored(redis, Names.of(settings))) == 50
     with pytest.raises(RelayRefused) as err:
         await relay.submit(beat("host7-late"))
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
 
 
-async def test_an_ingest_that_does_not_answer_fails_over_then_times_out(
-    ingest: Ingest, auth_settings: Settings
-) -> None:
+async def test_an_ingest_that_does_not_answer_fails_over_then_times_out(ingest: Ingest, settings: Settings) -> None:
     dead = f"127.0.0.1:{services.free_port()}"
-    relay = Relay([dead, auth_settings.grpc_addr], token=relay_token(), deadline=3.0)
+    relay = Relay([dead, settings.grpc_addr], token=relay_token(), deadline=3.0)
     async with relay:
         reply = await relay.submit(beat("host7-f"))
-        assert reply.seq == 1 and relay.endpoint == auth_settings.grpc_addr
+        assert reply.seq == 1 and relay.endpoint == settings.grpc_addr
     lonely = Relay(dead, token=relay_token(), deadline=0.5)
     async with lonely:
         started = time.monotonic()
@@ -287,9 +276,9 @@ async def test_an_ingest_that_does_not_answer_fails_over_then_times_out(
     assert 0.4 < time.monotonic() - started < 2.0 and lonely.upstream_ok is False
 
 
-async def test_a_refused_relay_token_is_unavailable_to_the_agents(ingest: Ingest, auth_settings: Settings) -> None:
+async def test_a_refused_relay_token_is_unavailable_to_the_agents(ingest: Ingest, settings: Settings) -> None:
     """Not UNAUTHENTICATED: the agents' clients would stop beating for good over the relay's fault."""
-    relay = Relay(auth_settings.grpc_addr, token="not-a-token")
+    relay = Relay(settings.grpc_addr, token="not-a-token")
     async with relay:
         with pytest.raises(RelayRefused) as err:
             await relay.submit(beat("host7-t"))
@@ -298,13 +287,13 @@ async def test_a_refused_relay_token_is_unavailable_to_the_agents(ingest: Ingest
 
 
 async def test_a_rate_limited_agent_does_not_cost_the_others_their_beats(
-    auth_settings: Settings, redis: aioredis.Redis
+    settings: Settings, redis: aioredis.Redis
 ) -> None:
     """One token each (burst 1): the flooding agent's second beat is refused with its pushback; the
     refused attempt of the batch does not use up the quiet agent's token, so its re-sent beat passes."""
-    node = Ingest(dataclasses.replace(auth_settings, rate_limit=0.5, rate_burst=1.0))
+    node = Ingest(dataclasses.replace(settings, rate_limit=0.5, rate_burst=1.0))
     await node.start()
-    relay = Relay(auth_settings.grpc_addr, token=relay_token(), flush=0.05)
+    relay = Relay(settings.grpc_addr, token=relay_token(), flush=0.05)
     try:
         async with relay:
             quiet = asyncio.ensure_future(relay.submit(beat("host7-quiet")))
@@ -331,11 +320,11 @@ def test_the_relay_listens_only_where_no_token_is_needed() -> None:
 
 
 async def test_hbreg_relay_serves_a_private_socket_and_drains_on_sigterm(
-    ingest: Ingest, auth_settings: Settings, redis: aioredis.Redis, socket_dir: str, tmp_path
+    ingest: Ingest, settings: Settings, redis: aioredis.Redis, socket_dir: str, tmp_path
 ) -> None:
     """The process: socket mode 0660, grpc health, /metrics, and SIGTERM answers the beats it holds
     (a 20 s flush: only the drain can send them) before it exits 0."""
-    settings = dataclasses.replace(auth_settings, relay_flush=20.0)
+    settings = dataclasses.replace(settings, relay_flush=20.0)
     proc = procs.hbreg(["relay"], settings, tmp_path / "relay.log")
     path = settings.relay_addr[len("unix://") :]
     try:

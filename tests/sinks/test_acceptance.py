@@ -24,7 +24,7 @@ from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.core.tokens import mint
 from heartbeat_registry.hbreg.simulate import Fleet
 from heartbeat_registry.pb import hb
-from tests.core.test_up import up_env
+from tests.core.test_up import up_env_on
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 TIMEOUT_S = 2.0
@@ -81,12 +81,11 @@ async def test_every_task_of_killed_agents_runs_again_under_hbreg_up(
     tmp_path, valkey_url: str, kafka_bootstrap: str
 ) -> None:
     prefix = "acc" + os.urandom(4).hex()
-    env = up_env(
+    env = up_env_on(
         tmp_path,
-        HBREG_REDIS_URL=valkey_url,
-        HBREG_KAFKA_BOOTSTRAP=kafka_bootstrap,
-        HBREG_KEY_PREFIX=prefix,
-        HBREG_TOPIC_PREFIX=prefix + "-",
+        valkey_url,
+        kafka_bootstrap,
+        prefix,
         HBREG_STALL_TIMEOUT=str(TIMEOUT_S),
         HBREG_TOPIC_PARTITIONS="4",
         HBREG_STREAM_SHARDS="4",
