@@ -5,7 +5,8 @@ The agent folds the batch into in-memory window stats and liveness state and, wh
 a window's end, writes the window once (a few table values per partition and window, not one per
 heartbeat: every table write also produces a changelog record, which is what limits naive faust
 pipelines to a few thousand heartbeats per second). Liveness state goes to the `snapshots` table in
-chunks whenever it changes, with the partition's meta before every acknowledgement. Table writes happen
+chunks, at most once a second while it changes and always before an acknowledgement, with the
+partition's meta before every acknowledgement. Table writes happen
 while iterating an event of the same partition, so changelog partitions line up; when a partition goes
 quiet with window rows still to write, the worker sends that partition a watermark tick of its own so
 the writes (and the acknowledgements waiting for them) complete. Which records may be acknowledged
@@ -50,6 +51,8 @@ WINDOW_CHUNKS_PER_RECORD = 2
 LAG_CHECK_EVERY_S = 0.25
 # a partition with window rows left to write and no record for this long gets a tick of the worker's own
 QUIET_TICK_S = 0.2
+# changed agents' snapshot chunks are written at most this often per partition (and before any release)
+SNAPSHOT_EVERY_S = 1.0
 
 
 @dataclasses.dataclass
@@ -115,6 +118,7 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
     )
     states: dict[int, PartitionState] = {}
     last_record: dict[int, float] = {}  # partition -> monotonic time its last record was folded in
+    last_snapshot: dict[int, float] = {}  # partition -> monotonic time its snapshot chunks were last written
     store = QueryStore(redis_client.connect(settings, socket_timeout=5.0), names, settings.window_retention)
     lag = {"raised": False}
 
@@ -214,11 +218,17 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
         written = state.written_until
         for window, chunk, rows in state.next_window_chunks(WINDOW_CHUNKS_PER_RECORD):
             windows.relative_to(window.start / 1000)[f"p{partition}c{chunk}"] = rows
-        for chunk, agents in state.dirty_chunks().items():
-            snapshots[f"p{partition}/{chunk}"] = agents
         metrics.WORKER_HEARTBEATS.inc(len(cols.agent_id))
         state.hold(event, offset, newest)
         ready = state.releasable()
+        now = time.monotonic()
+        if state.dirty and (ready or now - last_snapshot.get(partition, 0.0) >= SNAPSHOT_EVERY_S):
+            # Coalesced: a chunk is one table value, so writing it per record while many agents change
+            # at once (a fleet starting) fills the changelog with copies and stalls the stream on faust's
+            # producer buffer. Written before any release, so acknowledged records are in the snapshot.
+            last_snapshot[partition] = now
+            for chunk, agents in state.dirty_chunks().items():
+                snapshots[f"p{partition}/{chunk}"] = agents
         if ready or state.written_until != written or events:
             # before the acknowledgements: the commit that follows them flushes this first
             snapshots[f"p{partition}"] = state.snapshot_meta()

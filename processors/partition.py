@@ -18,13 +18,15 @@ tables lack, and nothing is counted twice or lost.
    watermark tick of its own (processors/app.py) so the writes, and the releases, complete.
 3. A record that fed no open window (a watermark tick, a late or undecodable record) is released once the
    windows closed so far are written, so a quiet partition's ticks are committed too.
-4. Before any release, the snapshot meta (`next_offset` = the oldest record still held, the pipeline
-   clock, the windows written) is written: the table write precedes the commit it covers.
+4. Before any release, the snapshot chunks of agents changed since their last write (written at most
+   once a second otherwise, processors/app.py) and the snapshot meta (`next_offset` = the oldest record
+   still held, the pipeline clock, the windows written) are written: the table write precedes the
+   commit it covers.
 
 ## Recovery
 
 When a worker starts or gains a partition (after a crash, or from another worker), the partition is
-rebuilt from its snapshot (agents' states, written when they change) and the last written window rows
+rebuilt from its snapshot (agents' states, written within a second of a change) and the last written window rows
 (their newest beats), and the records after the committed offset are replayed; heartbeats of windows
 already written are dropped, so every window is counted exactly once, and liveness ignores beats it has
 already seen, so no event repeats. A partition the worker keeps through a rebalance keeps its state.
