@@ -9,7 +9,10 @@ Every record carries the watermark: the server receive time up to which every he
 forwarded. Partitions with nothing to carry still get a record with the watermark alone (a tick) every
 `watermark_interval`, so the processors judge silence on the pipeline's clock and close windows on idle
 partitions. When the stream shards match the partitions (the default), an entry belongs to exactly one
-partition and is forwarded without decoding: protobuf concatenation is a merge of repeated fields.
+partition and is forwarded as it is: protobuf concatenation is a merge of repeated fields. Each entry is
+still parsed once, to check that it is what the ingest writes: an entry written by anyone else (no field `b`,
+bytes that are no HeartbeatColumns, columns of different lengths) is counted, acknowledged and not
+forwarded, since merged into a record with genuine entries it would spoil them all.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError, ResponseError
 
 from heartbeat_registry.beats import now_ms
 from heartbeat_registry.core import health, redis_client
-from heartbeat_registry.core.columns import select
+from heartbeat_registry.core.columns import COLUMNS, select
 from heartbeat_registry.core.lifecycle import stop_signal
 from heartbeat_registry.core.names import Names, partition_of
 from heartbeat_registry.core.producers import start_producer
@@ -98,8 +102,10 @@ class Bridge:
 
     @property
     def healthy(self) -> bool:
-        """Leases renewed, and every unit held forwarding (a bridge holding none is a healthy standby)."""
-        return self._leases_ok and all(self._unit_healthy.get(u, False) for u in self._tasks)
+        """Leases renewed, and every unit held forwarding (a bridge holding none is a healthy standby); a
+        unit whose task ended on an error it did not expect forwards nothing more, and says so here."""
+        units = self._tasks.items()
+        return self._leases_ok and all(self._unit_healthy.get(u, False) and not task.done() for u, task in units)
 
     @property
     def watermark(self) -> int:
@@ -236,7 +242,7 @@ class Bridge:
         progress = started - self._slack_ms
         for _, es in reads:
             if len(es) >= READ_COUNT:
-                progress = min(progress, max((int(f.get(b"r", 0)) for _, f in es if f), default=0))
+                progress = min(progress, max((_received(f) for _, f in es if f), default=0))
         await self._forward(unit, [(s, e) for s, es in reads for e in es], progress)
 
     async def _forward(self, unit: int, entries: list[Entry], progress: int | None) -> None:
@@ -250,15 +256,17 @@ class Bridge:
                 self._marks[p] = max(self._marks[p], progress)
         chunks: dict[int, list[bytes]] = defaultdict(list)
         heartbeats = 0
-        for _, (_, fields) in entries:
+        for stream, (entry_id, fields) in entries:
             if not fields:  # trimmed away while pending: nothing to forward, only to acknowledge
                 continue
-            blob = fields[b"b"]
-            heartbeats += int(fields.get(b"n", 0))
+            cols = _columns(stream, entry_id, fields)
+            if cols is None:  # acknowledged with the others below
+                continue
+            heartbeats += len(cols.agent_id)
             if self._direct:
-                chunks[unit].append(blob)
+                chunks[unit].append(fields[b"b"])
             else:
-                for partition, part in self._split(blob).items():
+                for partition, part in self._split(cols).items():
                     chunks[partition].append(part)
         wall = now_ms()
         sends = []
@@ -286,13 +294,45 @@ class Bridge:
             metrics.BRIDGE_FORWARDED.inc(heartbeats)
         metrics.BRIDGE_WATERMARK_AGE.set(max(0, wall - self.watermark) / 1000)
 
-    def _split(self, blob: bytes) -> dict[int, bytes]:
+    def _split(self, cols: hb.HeartbeatColumns) -> dict[int, bytes]:
         """Regroup one stream entry by Kafka partition (only when shards and partitions differ)."""
-        cols = hb.HeartbeatColumns.FromString(blob)
         index: dict[int, list[int]] = defaultdict(list)
         for i, agent in enumerate(cols.agent_id):
             index[partition_of(agent, self._partitions)].append(i)
         return {partition: select(cols, rows).SerializeToString() for partition, rows in index.items()}
+
+
+def _columns(stream: str, entry_id: bytes, fields: dict[bytes, bytes]) -> hb.HeartbeatColumns | None:
+    """The entry's heartbeats, or None (counted, logged with the entry's id) for an entry the ingest did
+    not write: no field `b`, `b` no HeartbeatColumns or with columns of different lengths, `n` or `r` no
+    whole number."""
+    blob = fields.get(b"b")
+    if blob is None:
+        why = "no field b"
+    else:
+        try:
+            cols = hb.HeartbeatColumns.FromString(blob)
+        except DecodeError:
+            why = "b is no HeartbeatColumns"
+        else:
+            if len({len(getattr(cols, name)) for name in COLUMNS}) > 1:
+                why = "b has columns of different lengths"
+            elif not all(fields.get(name, b"0").isdigit() for name in (b"n", b"r")):
+                why = "n or r is no whole number"
+            else:
+                return cols
+    metrics.BRIDGE_UNDECODABLE.inc()
+    log.warning(
+        "skipped a stream entry that is no packed heartbeats",
+        extra={"stream": stream, "entry": entry_id.decode() if isinstance(entry_id, bytes) else entry_id, "why": why},
+    )
+    return None
+
+
+def _received(fields: dict[bytes, bytes]) -> int:
+    """The entry's newest receive time, 0 where it has none (a foreign entry: it moves no watermark)."""
+    raw = fields.get(b"r", b"0")
+    return int(raw) if raw.isdigit() else 0
 
 
 def _pairs(reply: Any) -> list[tuple[str, list[Any]]]:

@@ -12,6 +12,11 @@ BRIDGE_UNITS = Gauge(
     "hbreg_bridge_shards_held",
     "Shard leases this bridge holds (all shards count as one when they do not match the partitions)",
 )
+BRIDGE_UNDECODABLE = Counter(
+    "hbreg_bridge_undecodable_entries_total",
+    "Shard stream entries that are no packed heartbeats as the ingest writes them, counted, acknowledged and "
+    "not forwarded",
+)
 BRIDGE_WATERMARK_AGE = Gauge("hbreg_bridge_watermark_age_seconds", "Wall clock minus the bridge's watermark")
 
 WORKER_HEARTBEATS = Counter("hbreg_worker_heartbeats_total", "Heartbeats processed by this worker")

@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import time
+from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -32,14 +33,40 @@ from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.core.tasks import ORPHANED, TaskStore
 from heartbeat_registry.core.topics import Replication, ensure_topics, pipeline_topics
 from heartbeat_registry.pb import hb
-from sinks.alerts import Alert, change_for, orphan_alert
+from sinks.alerts import Alert, change_for, orphan_alert, sendable
 
 log = logging.getLogger(__name__)
 SENT = Counter("hbreg_alerts_sent_total", "Alerts sent to an Alertmanager member", ["member", "state"])
 SEND_ERRORS = Counter("hbreg_alerts_send_errors_total", "Failed sends to an Alertmanager member", ["member"])
 FIRING = Gauge("hbreg_alerts_firing", "Alerts firing now")
 MEMBER_UP = Gauge("hbreg_alerts_member_up", "1 while the Alertmanager member takes our alerts", ["member"])
+UNDECODABLE = Counter(
+    "hbreg_alerts_undecodable_records_total",
+    "agent-events records that are no AgentEvent the sink can send, counted and skipped",
+)
 TICK_S = 0.5
+
+
+def agent_event(record: Any) -> hb.AgentEvent | None:
+    """The record's AgentEvent, or None (counted, logged with its position) for bytes that do not parse,
+    no value, no event type (an empty value, another message), or times Alertmanager cannot take."""
+    try:
+        event = hb.AgentEvent.FromString(record.value)
+    except (DecodeError, TypeError):  # TypeError: a record without a value
+        why = "not an AgentEvent"
+    else:
+        if event.type == hb.EVENT_TYPE_UNSPECIFIED:
+            why = "no event type"
+        elif not sendable(event):
+            why = f"times without an RFC 3339 form ({event.detected_at_ms}, {event.emitted_at_ms})"
+        else:
+            return event
+    UNDECODABLE.inc()
+    log.warning(
+        "skipped an agent-events record that is no AgentEvent it can send",
+        extra={"partition": record.partition, "offset": record.offset, "why": why},
+    )
+    return None
 
 
 class Member:
@@ -196,14 +223,8 @@ class AlertSink:
         while not stop.is_set():
             batch = await self.consumer.getmany(timeout_ms=int(TICK_S * 1000))
             try:
-                events = []
-                for records in batch.values():
-                    for record in records:
-                        try:
-                            events.append(hb.AgentEvent.FromString(record.value))
-                        except (DecodeError, TypeError):
-                            log.warning("skipped a record that is no AgentEvent", extra={"offset": record.offset})
-                changed = await self.apply(events)
+                decoded = (agent_event(record) for records in batch.values() for record in records)
+                changed = await self.apply([event for event in decoded if event is not None])
                 if batch:
                     await self.consumer.commit()  # after the state they imply is in Redis
                 if time.monotonic() >= next_orphan_check:

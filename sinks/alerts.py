@@ -19,10 +19,18 @@ from heartbeat_registry.pb import hb
 
 RESOLVED_KEPT_MS = 15 * 60 * 1000
 SEVERITY = {"silent": "critical", "hung": "warning", "overdue": "warning"}
+RFC3339_END_MS = 253_402_300_800_000  # 10000-01-01T00:00:00Z: RFC 3339 has four-digit years
 
 
 def rfc3339(ms: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
+
+
+def sendable(event: hb.AgentEvent) -> bool:
+    """Whether the times an alert takes from the event (startsAt, endsAt) have an RFC 3339 form: Alertmanager
+    refuses a whole request for one alert without, so one such event would hold up every alert, at every
+    resend, for as long as it is kept."""
+    return all(0 <= ms < RFC3339_END_MS for ms in (event.detected_at_ms, event.emitted_at_ms))
 
 
 @dataclasses.dataclass

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,6 +58,10 @@ LATENCY = Histogram(
     "Stall event emitted -> Reassignment decided",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
+UNDECODABLE = Counter(
+    "hbreg_reassign_undecodable_records_total",
+    "agent-events records that are no AgentEvent the sink can act on, counted and skipped",
+)
 ORPHANED_NOW = Gauge("hbreg_reassign_orphaned_tasks", "Tasks waiting for a new owner")
 OLDEST_ORPHAN = Gauge("hbreg_reassign_oldest_orphan_seconds", "Age of the oldest orphaned task")
 BATCH = 200
@@ -66,6 +71,30 @@ EXPIRY_EVERY_S = 0.5
 
 def position(record: Any) -> str:
     return f"{record.topic}:{record.partition}:{record.offset}"
+
+
+def agent_event(record: Any) -> hb.AgentEvent | None:
+    """The record's AgentEvent, or None for one the sink cannot act on: bytes that do not parse, no value,
+    no event type (an empty value, another message), an expiry without a whole epoch. Those are counted
+    and skipped: retrying them would hold up every event behind them on the partition, forever."""
+    try:
+        event = hb.AgentEvent.FromString(record.value)
+    except (DecodeError, TypeError):  # TypeError: a record without a value
+        why = "not an AgentEvent"
+    else:
+        epoch = event.figures.get("epoch", 0.0)
+        if event.type == hb.EVENT_TYPE_UNSPECIFIED:
+            why = "no event type"
+        elif event.type == hb.ASSIGNMENT_EXPIRED and not (math.isfinite(epoch) and 0 <= epoch == int(epoch) < 2**63):
+            why = f"an assignment expiry with epoch {epoch}"
+        else:
+            return event
+    UNDECODABLE.inc()
+    log.warning(
+        "skipped an agent-events record that is no AgentEvent it can act on",
+        extra={"partition": record.partition, "offset": record.offset, "why": why},
+    )
+    return None
 
 
 class Producers(ConsumerRebalanceListener):
@@ -186,10 +215,9 @@ class ReassignSink:
         Redis; repeats of a task and expiries follow one by one (their order matters, and they are rare)."""
         events = []
         for record in records:
-            try:
-                events.append((hb.AgentEvent.FromString(record.value), position(record)))
-            except (DecodeError, TypeError):
-                NOT_REASSIGNED.labels("undecodable").inc()
+            event = agent_event(record)
+            if event is not None:
+                events.append((event, position(record)))
         firsts: list[tuple[hb.AgentEvent, str]] = []
         later: list[tuple[hb.AgentEvent, str]] = []
         for event, at in events:

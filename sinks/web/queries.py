@@ -164,6 +164,8 @@ class Query:
 
     async def notifications(self, limit: int) -> list[dict[str, Any]]:
         """The notifications Alertmanager sent us, newest first."""
+        if limit <= 0:  # LRANGE 0 -1 would be all of them
+            return []
         return [json.loads(n) for n in await self.redis.lrange(self.names.alert_notifications, 0, limit - 1)]
 
     async def firing_alerts(self) -> list[dict[str, Any]]:

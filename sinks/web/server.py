@@ -13,12 +13,15 @@
 Times (`from`, `to`, `since`) are epoch milliseconds or a duration ago (`5m`). Liveness comes from the
 detector's published view, the freshest beat from the ingest's registry, and phi is computed against
 the partition's own clock (watermark), as the detector does. Every error is JSON `{"error": "..."}`: 400
-naming the parameter, 404 for an unknown agent or route, 405 for a method the route does not take.
+naming the parameter (or the webhook payload's field), 404 for an unknown agent or route, 405 for a method
+the route does not take, 413 for a body over aiohttp's 1 MiB. Only a missing file under `/static/` is
+aiohttp's empty 404 (its static handler decides when it opens the file, after every middleware).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -51,7 +54,8 @@ Body = dict[str, Any]
 async def json_errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """aiohttp's own 404 and 405 answers in the API's JSON error shape."""
+    """aiohttp's own refusals (404, 405, 413 for a body too large, 403 for a path outside /static/) in the
+    API's JSON error shape."""
     try:
         return await handler(request)
     except web.HTTPNotFound:
@@ -63,6 +67,15 @@ async def json_errors(
         return web.json_response(
             {"error": f"{request.method} is not allowed on {request.path} (allowed: {allowed})"}, status=405
         )
+    except web.HTTPClientError as exc:
+        REQUESTS.labels("unknown", str(exc.status)).inc()
+        reason = exc.text if exc.text and exc.text != f"{exc.status}: {exc.reason}" else exc.reason
+        return web.json_response({"error": f"{request.method} {request.path}: {reason}"}, status=exc.status)
+
+
+def not_json(constant: str) -> float:
+    """Python's json reads NaN and Infinity; they are not JSON, and what is kept is served again as JSON."""
+    raise ValueError(f"{constant} is not JSON")
 
 
 def build_app(query: Query, events: EventLog, live: Live) -> web.Application:
@@ -71,8 +84,8 @@ def build_app(query: Query, events: EventLog, live: Live) -> web.Application:
             status, body = 200, await handler()
         except params.BadRequest as exc:
             status, body = 400, {"error": str(exc)}
-        except LookupError as exc:
-            status, body = 404, {"error": exc.args[0]}
+        except params.NotFound as exc:
+            status, body = 404, {"error": str(exc)}
         REQUESTS.labels(endpoint, str(status)).inc()
         return web.json_response(body, status=status)
 
@@ -87,7 +100,7 @@ def build_app(query: Query, events: EventLog, live: Live) -> web.Application:
             agent_id = request.match_info["agent_id"]
             found = await query.agent(agent_id)
             if found is None:
-                raise LookupError(f"agent {agent_id!r} is not known")
+                raise params.NotFound(f"agent {agent_id!r} is not known")
             now = now_ms()
             rows = await query.windows(agent_id, now - RECENT_WINDOWS * query.window_ms, now, query.window_ms)
             return {**found, "windows": rows}
@@ -103,14 +116,17 @@ def build_app(query: Query, events: EventLog, live: Live) -> web.Application:
             start = params.instant(request, "from", now - 3600_000)
             end = params.instant(request, "to", now)
             if start > end:
-                raise params.BadRequest(f"from: must not be after to ({start} > {end})")
+                if "from" in request.query:
+                    raise params.BadRequest(f"from: must not be after to ({start} > {end})")
+                raise params.BadRequest(f"to: must not be before from, by default an hour ago ({end} < {start})")
             retention_ms = int(query.settings.window_retention * 1000)
             start = max(start, now - retention_ms - query.window_ms)  # nothing older is kept
             if (end - start) // query.window_ms > MAX_WINDOWS:
-                raise params.BadRequest(f"from: at most {MAX_WINDOWS} windows per request; narrow from/to")
-            size_ms = params.window_size(request, query.window_ms)
+                blamed = "to" if "from" not in request.query else "from"  # the one given
+                raise params.BadRequest(f"{blamed}: at most {MAX_WINDOWS} windows per request; narrow from/to")
+            size_ms = params.window_size(request, query.window_ms, MAX_WINDOWS)
             if await query.agent(agent_id) is None:
-                raise LookupError(f"agent {agent_id!r} is not known")
+                raise params.NotFound(f"agent {agent_id!r} is not known")
             return {"windows": await query.windows(agent_id, start, end, size_ms)}
 
         return await answer("windows", handler)
@@ -136,7 +152,7 @@ def build_app(query: Query, events: EventLog, live: Live) -> web.Application:
             task_id = request.match_info["task_id"]
             found = await query.task(task_id)
             if found is None:
-                raise LookupError(f"task {task_id!r} is not known (no agent reports it, nothing happened to it)")
+                raise params.NotFound(f"task {task_id!r} is not known (no agent reports it, nothing happened to it)")
             return found
 
         return await answer("task", handler)
@@ -146,13 +162,14 @@ def build_app(query: Query, events: EventLog, live: Live) -> web.Application:
         and silences), kept for `hbreg alerts` and the dashboard."""
 
         async def handler() -> Body:
+            raw = await request.read()  # JSON's encoding is its own (RFC 8259): a charset parameter is not read
             try:
-                body = await request.json()
-            except ValueError:
-                raise params.BadRequest("body: expected Alertmanager's webhook JSON") from None
-            if not isinstance(body, dict) or not isinstance(body.get("alerts"), list):
-                raise params.BadRequest("alerts: expected a list (Alertmanager's webhook payload)")
-            await query.record_notification(body)
+                body = json.loads(raw, parse_constant=not_json)
+            except ValueError as exc:
+                raise params.BadRequest(f"body: expected Alertmanager's webhook JSON ({exc})") from None
+            except RecursionError:
+                raise params.BadRequest("body: expected Alertmanager's webhook JSON (nested too deeply)") from None
+            await query.record_notification(params.notification(body))
             return {"ok": True}
 
         return await answer("alertmanager_webhook", handler)
