@@ -8,9 +8,9 @@ BIN := $(VENV)/bin
 KAFKA_VERSION := $(shell sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' infra/kafka/pom.xml)
 KAFKA_JAR := .cache/kafka/$(KAFKA_VERSION)/libs/kafka_2.13-$(KAFKA_VERSION).jar
 
-.PHONY: install run test unit lint proto bench clean kafka-jars alerting-tools browser-tools vendor
+.PHONY: install run test unit lint proto bench clean kafka-jars alerting-tools browser-tools vendor toxiproxy
 
-install: $(VENV)/.installed kafka-jars alerting-tools
+install: $(VENV)/.installed kafka-jars alerting-tools toxiproxy
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,19 @@ alerting-tools:
 			echo "could not install them: hbreg up runs without alerts (the tests need them)"; \
 	else \
 		echo "Alertmanager, amtool or promtool not found (not root, or no apt-get): hbreg up runs without alerts"; \
+	fi
+
+# Toxiproxy, the TCP fault proxy of `hbreg chaos`, built from its Go module once into an ignored cache folder
+TOXIPROXY_VERSION := v2.12.0
+TOXIPROXY := .cache/toxiproxy/$(TOXIPROXY_VERSION)/server
+toxiproxy:
+	@if [ -x $(TOXIPROXY) ]; then :; \
+	elif command -v go >/dev/null; then \
+		echo "building Toxiproxy $(TOXIPROXY_VERSION) with go install into $(dir $(TOXIPROXY))"; \
+		GOBIN=$(CURDIR)/$(dir $(TOXIPROXY)) go install github.com/Shopify/toxiproxy/v2/cmd/server@$(TOXIPROXY_VERSION) || \
+			echo "could not build Toxiproxy: hbreg chaos cannot inject network faults (the tests need it)"; \
+	else \
+		echo "Go not found: hbreg chaos cannot inject network faults without Toxiproxy (the tests need it)"; \
 	fi
 
 # Debian's Chromium for the dashboard's browser tests and `hbreg bench dashboard`, driven by Playwright for

@@ -156,6 +156,8 @@ class AsyncHeartbeatClient:
         on_abandon: Callable[[hb.Directive], None] | None = None,
         on_error: Callable[[HeartbeatRejected], None] | None = None,
         on_assign: Callable[[Assignment], None] | None = None,
+        on_sent: Callable[[hb.Heartbeat], None] | None = None,
+        on_reply: Callable[[hb.BeatReply], None] | None = None,
         backoff_initial: float = 0.2,
         backoff_max: float = 10.0,
         rpc_timeout: float = 5.0,
@@ -180,6 +182,10 @@ class AsyncHeartbeatClient:
         self.on_abandon = on_abandon
         self.on_error = on_error
         self.on_assign = on_assign
+        # every heartbeat as it is sent and every reply as it arrives: for a caller that keeps the whole
+        # history (the chaos soak checks each acknowledged heartbeat against what the system stored)
+        self.on_sent = on_sent
+        self.on_reply = on_reply
         self._offered: set[tuple[str, int]] = set()
         self._assignments: asyncio.Queue[Assignment] = asyncio.Queue()
         self.backoff_initial = backoff_initial
@@ -321,9 +327,12 @@ class AsyncHeartbeatClient:
         self._seq += 1
         cpu = self.cpu if self.cpu is not None else (self._sampler.sample() if self._sampler else 0.0)
         progress = None if self.progress is None else max(0.0, min(1.0, self.progress))
-        return heartbeat(
+        beat = heartbeat(
             self.agent_id, self.task_id, self.status, max(0.0, min(1.0, cpu)), progress=progress, seq=self._seq
         )
+        if self.on_sent is not None:
+            self.on_sent(beat)
+        return beat
 
     async def _pause(self) -> None:
         """Until the next beat is due, or the program reported a change."""
@@ -349,6 +358,8 @@ class AsyncHeartbeatClient:
         self._acked_seq = max(self._acked_seq, reply.seq)
         self.last_reply_ms = reply.received_ms
         self.beats_acknowledged += 1
+        if self.on_reply is not None:
+            self.on_reply(reply)
         for directive in reply.directives:
             if directive.kind == hb.Directive.ABANDON:
                 self._abandon(directive)
@@ -398,6 +409,7 @@ class AsyncHeartbeatClient:
     async def _run(self) -> None:
         backoff = self.backoff_initial
         index = 0
+        misses = 0  # connections in a row that failed without a reply
         while not self._closing:
             self.endpoint = self.endpoints[index % len(self.endpoints)]
             pushback = 0.0
@@ -428,10 +440,18 @@ class AsyncHeartbeatClient:
                 problem = repr(exc)
             self.connected = False
             if self._answered:
-                backoff = self.backoff_initial  # it worked for a while: retry it first
+                backoff = self.backoff_initial  # it worked for a while: this is a fresh failure
+                misses = 0
+            misses += 1
+            if len(self.endpoints) > 1:
+                # The ingests are replicas: the next one may well serve (this one's Redis link may be cut,
+                # it may be restarting). Straight on to it, after a short jittered pause; the refusal's
+                # pushback and the backoff apply once every endpoint failed in a row.
+                index += 1
+            if len(self.endpoints) > 1 and misses < len(self.endpoints):
+                delay = retry_delay(0.0, self.backoff_initial, self._rng)
             else:
-                index += 1  # this endpoint did not answer: try the next one
-            delay = retry_delay(pushback, backoff, self._rng)
+                delay = retry_delay(pushback, backoff, self._rng)
             # the code and details go into the message itself: a default formatter drops `extra`
             log.warning("heartbeat call to %s failed: %s; retrying in %.1f s", self.endpoint, problem, delay)
             await asyncio.sleep(delay)

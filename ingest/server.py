@@ -293,8 +293,10 @@ class Ingest:
         except AuthError as exc:
             raise ConfigError(str(exc)) from None
         names = Names.of(settings)
+        # A round trip slower than a second fails (UNAVAILABLE), and the agent tries another ingest: an
+        # acknowledgement later than that is of little use to an agent beating every second or so.
         self.redis = redis_client.connect(
-            settings, socket_timeout=2.0, socket_connect_timeout=1.0, retry_on_timeout=False
+            settings, socket_timeout=1.0, socket_connect_timeout=1.0, retry_on_timeout=False
         )
         self.writer = StreamWriter(self.redis, names, settings.stream_retention, settings.max_pending)
         self.server = grpc.aio.server(

@@ -5,9 +5,12 @@ FAILED_PRECONDITION naming the current epoch, an unknown task NOT_FOUND."""
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
+from redis.exceptions import RedisError
 
 from heartbeat_registry.core.tasks import ASSIGNED, ORPHANED, RUNNING, TASK_STATES, TaskStore
 from heartbeat_registry.pb import hb, hb_grpc
@@ -35,6 +38,25 @@ def task_message(task_id: str, record: dict[str, Any], history: list[dict[str, A
             for c in history
         ],
     )
+
+
+R = TypeVar("R")
+
+
+def registry_errors(rpc: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+    """The task registry (Redis) unreachable or timing out is UNAVAILABLE, which the caller retries, not
+    the INTERNAL grpc makes of an unexpected exception (seen in the chaos soak's network partitions)."""
+
+    @functools.wraps(rpc)
+    async def guarded(self: Any, request: Any, context: grpc.aio.ServicerContext, identity: Identity) -> R:
+        try:
+            return await rpc(self, request, context, identity)
+        except (RedisError, OSError, TimeoutError) as exc:
+            metrics.TASK_CALLS.labels("unavailable").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the task registry is unreachable: {exc!r}")
+            raise  # abort raises; for the type checker
+
+    return guarded
 
 
 class TaskService(hb_grpc.TaskServiceServicer):
@@ -68,9 +90,8 @@ class TaskService(hb_grpc.TaskServiceServicer):
         assert record is not None
         return task_message(task_id, record, await self._store.history(task_id))
 
-    async def Assign(  # type: ignore[override]
-        self, request: hb.AssignRequest, context: grpc.aio.ServicerContext, identity: Identity
-    ) -> hb.Task:
+    @registry_errors
+    async def Assign(self, request: hb.AssignRequest, context: grpc.aio.ServicerContext, identity: Identity) -> hb.Task:
         await self._check(
             context, identity, (request.task_id, "task_id", MAX_TASK_LEN), (request.agent_id, "agent_id", MAX_TASK_LEN)
         )
@@ -87,13 +108,15 @@ class TaskService(hb_grpc.TaskServiceServicer):
         metrics.TASK_CALLS.labels("assigned").inc()
         return await self._task(request.task_id, context)
 
-    async def GetTask(  # type: ignore[override]
+    @registry_errors
+    async def GetTask(
         self, request: hb.GetTaskRequest, context: grpc.aio.ServicerContext, identity: Identity
     ) -> hb.Task:
         await self._check(context, identity, (request.task_id, "task_id", MAX_TASK_LEN))
         return await self._task(request.task_id, context)
 
-    async def ListTasks(  # type: ignore[override]
+    @registry_errors
+    async def ListTasks(
         self, request: hb.ListTasksRequest, context: grpc.aio.ServicerContext, identity: Identity
     ) -> hb.ListTasksReply:
         await self._check(context, identity)

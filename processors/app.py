@@ -88,6 +88,9 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
         # during which nobody judges those agents)
         broker_session_timeout=10.0,
         broker_heartbeat_interval=2.0,
+        # static membership: a worker restarted under the same name rejoins with its old partitions at
+        # once, where a new member would wait for the dead one's session to time out first
+        consumer_group_instance_id=settings.instance,
         web_host=host,
         web_port=int(port),
         web_in_thread=False,

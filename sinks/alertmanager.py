@@ -108,6 +108,7 @@ class AlertSink:
             self.names.events_topic,
             bootstrap_servers=settings.kafka_bootstrap,
             group_id=self.names.alerts_group,
+            group_instance_id=settings.instance,  # static membership: a restart takes its partitions back at once
             enable_auto_commit=False,
             auto_offset_reset="earliest",
         )

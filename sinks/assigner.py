@@ -136,6 +136,7 @@ async def serve(settings: Settings) -> None:
         names.reassignments_topic,
         bootstrap_servers=settings.kafka_bootstrap,
         group_id=names.assigner_group,
+        group_instance_id=settings.instance,  # static membership: a restart takes its partitions back at once
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         isolation_level="read_committed",

@@ -165,6 +165,7 @@ class ReassignSink:
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap,
             group_id=self.names.reassign_group,
+            group_instance_id=settings.instance,  # static membership: a restart takes its partitions back at once
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",

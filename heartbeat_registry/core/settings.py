@@ -205,6 +205,9 @@ class Settings:
     ingest_metrics_addr: str = _field("127.0.0.1:9464", "address", "ingest /metrics and /healthz")
     bridge_metrics_addr: str = _field("127.0.0.1:9465", "address", "bridge /metrics and /healthz")
     worker_web_addr: str = _field("127.0.0.1:6066", "address", "faust worker web server (/metrics)")
+    instance: str | None = _field(
+        None, "text", "a process's stable name in its consumer group: restarted, it takes its partitions back at once"
+    )
     log_level: str = _field("INFO", "level", "log level of every process")
     redis_durable: bool = _field(False, "switch", "embedded Valkey keeps an fsynced append-only file")
     auth: bool = _field(True, "switch", "require a per-agent token (or client certificate); off only explicitly")

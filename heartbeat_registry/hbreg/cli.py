@@ -156,6 +156,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chaos(args: argparse.Namespace) -> int:
+    from heartbeat_registry.core.lifecycle import exit_on_sigterm
+    from heartbeat_registry.hbreg.chaos import run
+
+    exit_on_sigterm()
+    result = run.run(args.duration, args.agents, args.seed, args.keep)
+    print(json.dumps(result) if args.json else run.text(result))
+    return 0 if not result["failed_goals"] else 1
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from heartbeat_registry.beats import now_ms
     from heartbeat_registry.hbreg import tables
@@ -437,6 +447,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--modes", default="beat,batch,stream,fleet", help="comma-separated modes to run")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "chaos",
+        help="run the whole system under a fleet and a seeded schedule of faults, and check every outcome",
+    )
+    p.add_argument("--duration", type=_arg("seconds"), default=1800.0, help="how long the faults go on (30m)")
+    p.add_argument("--agents", type=_arg("count"), default=2000, help="simulated agents, one beat a second (2000)")
+    p.add_argument("--seed", type=int, default=1, help="the schedule's seed: the same seed, the same faults (1)")
+    p.add_argument("--keep", metavar="DIR", help="keep every process's log and data here (default: a temp dir)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_chaos)
 
     p = sub.add_parser(
         "tune",

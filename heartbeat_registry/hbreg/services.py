@@ -153,15 +153,19 @@ def why_not_kafka() -> str:
     return f"the Kafka {kafka_version()} jars are not in {kafka_libs()} (run `make install` with Maven present)"
 
 
-def kafka_command(port: int, data_dir: pathlib.Path) -> list[str]:
-    """Write the KRaft config, format the log directory once, and return the broker's command line."""
+def kafka_command(port: int, data_dir: pathlib.Path, proxied: Sequence[tuple[int, int]] = ()) -> list[str]:
+    """Write the KRaft config, format the log directory once, and return the broker's command line.
+
+    `proxied`: (port, advertised port) of further listeners whose clients are told to connect through a
+    TCP proxy at the advertised port (a Kafka client follows the advertised address after bootstrap, so a
+    proxy in front of the plain listener would be bypassed); the chaos soak puts its faults there."""
     jvm = _kafka_jvm(KAFKA_HEAP)
     data_dir.mkdir(parents=True, exist_ok=True)
     config = data_dir / "server.properties"
     controller_port = free_port()
     logs = data_dir / "logs"
     quorum = f"controller.quorum.bootstrap.servers=127.0.0.1:{controller_port}"
-    config.write_text(_kafka_properties(1, port, controller_port, logs, quorum, 1))
+    config.write_text(_kafka_properties(1, port, controller_port, logs, quorum, 1, proxied=proxied))
     _format_kafka(jvm, config, logs, cluster_id(), "--standalone")
     return [*jvm, "kafka.Kafka", str(config)]
 
@@ -220,18 +224,26 @@ def _kafka_properties(
     quorum: str,
     replicas: int,
     extra: Sequence[str] = (),
+    proxied: Sequence[tuple[int, int]] = (),
 ) -> str:
     """server.properties of one broker + controller node; `replicas` of the cluster's own topics."""
     in_sync = min(2, replicas)
+    listeners = f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}"
+    advertised = f"PLAINTEXT://127.0.0.1:{port}"
+    protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+    for n, (listen, proxy) in enumerate(proxied, 1):
+        listeners += f",PROXIED{n}://127.0.0.1:{listen}"
+        advertised += f",PROXIED{n}://127.0.0.1:{proxy}"
+        protocols += f",PROXIED{n}:PLAINTEXT"
     return "\n".join(
         [
             "process.roles=broker,controller",
             f"node.id={node}",
             quorum,
-            f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+            f"listeners={listeners}",
+            f"advertised.listeners={advertised}",
             "controller.listener.names=CONTROLLER",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            f"listener.security.protocol.map={protocols}",
             "inter.broker.listener.name=PLAINTEXT",
             f"log.dirs={logs}",
             "num.partitions=1",
@@ -324,6 +336,18 @@ def alertmanager_command(port: int, data_dir: pathlib.Path, http_addr: str, http
         "--cluster.listen-address=",
         "--log.level=warn",
     ]
+
+
+# Toxiproxy ---------------------------------------------------------------------------------------------
+
+TOXIPROXY_VERSION = "v2.12.0"  # the Makefile's TOXIPROXY_VERSION
+
+
+def toxiproxy_binary() -> str | None:
+    """Toxiproxy's server, as `make install` builds it from its Go module (the binary is named `server`),
+    or a `toxiproxy-server` on the PATH; None when neither exists."""
+    built = PROJECT_ROOT / ".cache" / "toxiproxy" / TOXIPROXY_VERSION / "server"
+    return str(built) if built.is_file() else shutil.which("toxiproxy-server")
 
 
 def _port(value: str | None, var: str) -> int:

@@ -11,6 +11,7 @@ them stalling now and then, and taking over the tasks of the stalled ones when t
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from collections.abc import Callable, Sequence
 
@@ -34,7 +35,11 @@ class Fleet:
         task_of: Callable[[str], str] = lambda agent: f"{agent}-task",
         cpu: float = 0.5,
         take_assignments: bool = True,
+        on_sent: Callable[[str, hb.Heartbeat], None] | None = None,
+        on_reply: Callable[[str, hb.BeatReply], None] | None = None,
+        rpc_timeout: float = 5.0,
     ) -> None:
+        """`on_sent`/`on_reply`: (agent, heartbeat or reply) for a caller keeping every beat (hbreg chaos)."""
         self.errors: list[HeartbeatRejected] = []
         self.taken: list[tuple[str, Assignment]] = []  # (agent, assignment) in the order they were taken
         self.rng = random.Random(seed)
@@ -48,8 +53,11 @@ class Fleet:
                 sample_cpu=False,
                 backoff_initial=0.1,
                 backoff_max=2.0,
+                rpc_timeout=rpc_timeout,
                 on_error=self.errors.append,
                 on_assign=self._taker(agent) if take_assignments else None,
+                on_sent=functools.partial(on_sent, agent) if on_sent else None,
+                on_reply=functools.partial(on_reply, agent) if on_reply else None,
             )
             for agent in agent_ids
         }

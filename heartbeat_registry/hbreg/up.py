@@ -43,6 +43,8 @@ REPLICABLE = {
     "assigner": "assigner_metrics_addr",
     "alerter": "alerts_metrics_addr",
 }
+# the processes that consume in a Kafka consumer group, each replica under a stable name (HBREG_INSTANCE)
+GROUP_MEMBERS = ("worker", "reassign", "alerter", "assigner")
 START_TIMEOUT = 60.0
 # Valkey warns at every start that vm.overcommit_memory is off; that matters only for the fork of a
 # background save under memory pressure, which the embedded Valkey of one laptop never meets.
@@ -214,6 +216,8 @@ def _replica(name: str, index: int, command: list[str], settings: Settings) -> t
         env["HBREG_INGEST_PROCESSES"] = "1"  # each replica is one process of its own here
     if name == "bridge":
         command = [*command, "--name", f"bridge-{index + 1}"]
+    if name in GROUP_MEMBERS and not settings.instance:
+        env["HBREG_INSTANCE"] = f"{name}-{index + 1}"  # restarted, it takes its partitions back at once
     var = REPLICABLE.get(name)
     addr = getattr(settings, var) if var else settings.http_addr
     if var and index:

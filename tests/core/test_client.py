@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import threading
 import time
+import types
 
 import grpc
 import pytest
@@ -116,6 +117,41 @@ async def test_fails_over_between_endpoints(auth_settings: Settings) -> None:
     finally:
         await client.stop()
         await second.stop(grace=0.1)
+
+
+async def test_goes_straight_to_the_other_endpoint_when_one_refuses(auth_settings: Settings) -> None:
+    """An ingest that lost Redis refuses (UNAVAILABLE): the client takes the next endpoint at once instead of
+    trying the refusing one again first (found by the chaos soak: every agent on an ingest whose Redis
+    link was cut lost one more beat to the retry)."""
+    from heartbeat_registry.hbreg import services
+
+    first = Ingest(auth_settings)
+    second_settings = dataclasses.replace(auth_settings, grpc_addr=f"127.0.0.1:{services.free_port()}")
+    second = Ingest(second_settings)
+    await first.start()
+    await second.start()
+    refused = ("hbreg_ingest_heartbeats_refused_total", {"rpc": "stream", "reason": "redis_unavailable"})
+    client = AsyncHeartbeatClient(
+        "agent-g",
+        [auth_settings.grpc_addr, second_settings.grpc_addr],
+        token=token("agent-g"),
+        interval=0.1,
+        backoff_initial=0.2,
+    )
+    await client.start()
+    try:
+        await eventually(lambda: client.connected and client.endpoint == auth_settings.grpc_addr, 5)
+        before = REGISTRY.get_sample_value(*refused) or 0.0
+        first.watch.writer = types.SimpleNamespace()  # the watch would find Redis reachable again
+        first.writer.available = False  # as after a failed write: refuse at once
+        await eventually(lambda: client.connected and client.endpoint == second_settings.grpc_addr, 5)
+        await asyncio.sleep(1.0)  # it stays there
+        assert client.endpoint == second_settings.grpc_addr
+        assert (REGISTRY.get_sample_value(*refused) or 0.0) - before == 1, "tried the refusing ingest again"
+    finally:
+        await client.stop()
+        await second.stop(grace=0.1)
+        await first.stop(grace=0.1)
 
 
 async def fence(settings: Settings, agent: str, task: str, epoch: int) -> None:

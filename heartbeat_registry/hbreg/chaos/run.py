@@ -1,0 +1,400 @@
+"""`hbreg chaos`: start everything, run the fleet and the schedule, collect the history, judge it.
+
+The soak runs with HBREG_REDIS_DURABLE on (an acknowledged heartbeat is fsynced before its ack) and
+keeps every stream entry and window row for the whole run, so each acknowledged heartbeat can be looked
+up afterwards in Redis, in Kafka and in its window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import logging
+import pathlib
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from heartbeat_registry.beats import now_ms
+from heartbeat_registry.core import redis_client
+from heartbeat_registry.core.events import EventReader
+from heartbeat_registry.core.names import Names
+from heartbeat_registry.core.settings import Settings
+from heartbeat_registry.core.topics import partition_count
+from heartbeat_registry.hbreg.bench.common import isolated
+from heartbeat_registry.hbreg.bench.common import workdir as bench_workdir
+from heartbeat_registry.hbreg.chaos import faults as schedule
+from heartbeat_registry.hbreg.chaos import verdict
+from heartbeat_registry.hbreg.chaos.fleet import JITTER, AgentFaults, SoakFleet, agent_faults
+from heartbeat_registry.hbreg.chaos.probes import Probes
+from heartbeat_registry.hbreg.chaos.system import REPLICAS, System
+from heartbeat_registry.pb import hb
+
+INTERVAL_S = 1.0
+STALL_TIMEOUT_S = 5.0
+SETTLE_S = 60.0  # after the fleet stops: until its last windows are closed and written
+GOALS = {
+    "availability": 0.999,
+    "max_recovery_s": 5.0,
+    "acked_lost": 0,
+    "false_stalls": 0,
+    "missed_stalls": 0,
+    "duplicate_events": 0,
+    "duplicate_reassignments": 0,
+    "lost_tasks": 0,
+    "unfenced_overlaps": 0,
+    "unresolved_alerts": 0,
+    "unfired_alerts": 0,
+}
+
+
+def soak_settings(state_dir: pathlib.Path, duration_s: float) -> Settings:
+    kept = duration_s + 900.0
+    return isolated(
+        Settings(state_dir=state_dir),
+        "chaos",
+        stall_timeout=STALL_TIMEOUT_S,
+        redis_durable=True,
+        stream_retention=kept,
+        window_retention=kept,
+        # a restarted Alertmanager learns the firing alerts within this (and the test's run stays short)
+        alert_resend=5.0,
+    )
+
+
+async def inject(fault: schedule.Fault, system: System) -> None:
+    fault.start_ms = now_ms()
+    if fault.kind == "kill":
+        await system.kill(fault.target)
+    elif fault.kind == "pause":
+        await system.pause(fault.target, fault.duration_s)
+    elif fault.kind == "valkey_restart":
+        await system.kill("valkey")  # SIGKILL: the append-only file is fsynced before every reply
+    elif fault.kind == "kafka_restart":
+        await system.kill("kafka", signal.SIGTERM)  # a broker's controlled restart
+    else:
+        await system.toxiproxy.inject(fault.target, fault.kind)
+        await asyncio.sleep(fault.duration_s)
+        await system.toxiproxy.heal(fault.target, fault.kind)
+    fault.end_ms = now_ms()
+
+
+async def _stored_beats(settings: Settings) -> tuple[set[tuple[str, int]], dict[str, list[tuple[int, str]]]]:
+    """(agent, seq) of every heartbeat in the Redis streams; task -> (receive time, agent) RUNNING on it."""
+    client: Any = redis_client.connect(settings)
+    seen: set[tuple[str, int]] = set()
+    running: dict[str, list[tuple[int, str]]] = collections.defaultdict(list)
+    try:
+        for stream in Names.of(settings).streams():
+            after = "-"
+            while entries := await client.xrange(stream, min=after, count=5000):
+                for _, fields in entries:
+                    cols = hb.HeartbeatColumns.FromString(fields[b"b"])
+                    seen.update(zip(cols.agent_id, cols.seq, strict=True))
+                    for agent, task, status, at in zip(
+                        cols.agent_id, cols.task_id, cols.status, cols.received_ms, strict=True
+                    ):
+                        if task and status == hb.RUNNING:
+                            running[task].append((at, agent))
+                after = "(" + entries[-1][0].decode()
+    finally:
+        await client.aclose()
+    return seen, {task: sorted(beats) for task, beats in running.items()}
+
+
+async def _topic(bootstrap: str, topic: str, decode: Callable[[bytes], Any], committed: bool = False) -> list[Any]:
+    """Every record of `topic`, decoded (read_committed where `committed`)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed" if committed else "read_uncommitted",
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+        fetch_max_bytes=64 * 1024 * 1024,
+    )
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(await partition_count(bootstrap, topic))]
+        if not partitions:
+            return []
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        out: list[Any] = []
+
+        async def behind() -> bool:
+            return any([await consumer.position(tp) < end for tp, end in ends.items()])
+
+        while await behind():
+            for records in (await consumer.getmany(timeout_ms=1000, max_records=10000)).values():
+                out.extend(decode(r.value) for r in records if r.value)
+        return out
+    finally:
+        await consumer.stop()
+
+
+def _kafka_beats(values: list[hb.HeartbeatColumns]) -> set[tuple[str, int]]:
+    return {pair for cols in values for pair in zip(cols.agent_id, cols.seq, strict=True)}
+
+
+async def _http(session: aiohttp.ClientSession, url: str) -> Any:
+    for attempt in range(5):
+        try:
+            async with session.get(url) as response:
+                if response.status == 200:
+                    return await response.json()
+        except (aiohttp.ClientError, TimeoutError):
+            pass
+        await asyncio.sleep(0.5 * (attempt + 1))
+    raise RuntimeError(f"GET {url} failed five times")
+
+
+async def _windows(settings: Settings, agents: list[str], since_ms: int) -> dict[str, dict[int, dict]]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        limit = asyncio.Semaphore(16)
+
+        async def one(agent: str) -> tuple[str, dict[int, dict]]:
+            async with limit:
+                body = await _http(session, f"http://{settings.http_addr}/api/windows?agent={agent}&from={since_ms}")
+            return agent, {row["window_start_ms"]: row for row in body["windows"]}
+
+        return dict(await asyncio.gather(*(one(a) for a in agents)))
+
+
+async def _tasks(settings: Settings, tasks: list[str]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(running tasks by id, the records of `tasks`)."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        running = await _http(session, f"http://{settings.http_addr}/api/tasks?state=running&limit=100000")
+        limit = asyncio.Semaphore(16)
+
+        async def one(task: str) -> tuple[str, dict]:
+            async with limit:
+                return task, await _http(session, f"http://{settings.http_addr}/api/tasks/{task}")
+
+        records = dict(await asyncio.gather(*(one(t) for t in tasks)))
+    return {t["task_id"]: t for t in running["tasks"]}, records
+
+
+async def _active_alerts(settings: Settings) -> list[dict[str, Any]]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        found = await _http(session, f"{settings.alertmanager_url}/api/v2/alerts?active=true")
+    return list(found)
+
+
+@dataclasses.dataclass
+class History:
+    """Everything a soak recorded and collected, for `judge`."""
+
+    fleet: SoakFleet
+    troubles: AgentFaults
+    plan: list[schedule.Fault]
+    crashes: list[dict[str, Any]]
+    window_ms: int
+    events: list[hb.AgentEvent]
+    alerts: list[dict[str, Any]]
+    running: dict[str, dict]  # task -> its record, for the tasks running at the end
+    tasks: dict[str, dict]  # task -> its record (history included), for every task the fleet started with
+    windows: dict[str, dict[int, dict]]
+    stored: set[tuple[str, int]]
+    running_beats: dict[str, list[tuple[int, str]]]
+    kafka: set[tuple[str, int]]
+    reassignments: list[hb.Reassignment]
+
+
+async def soak(duration_s: float, agents: int, seed: int, workdir: pathlib.Path, say: Callable[[str], None]) -> History:
+    settings = soak_settings(workdir / "state", duration_s)
+    plan = schedule.plan(seed, duration_s, REPLICAS)
+    system = System(settings, workdir)
+    say(f"hbreg chaos: seed {seed}, {len(plan)} faults over {duration_s:.0f} s, {agents} agents; starting")
+    try:
+        await system.start()
+        settings = system.settings
+        assert settings.kafka_bootstrap is not None
+        names = Names.of(settings)
+        probes = Probes(system)
+        fleet = SoakFleet(system.ingest_addrs, agents, INTERVAL_S, seed)
+        last_s = duration_s - schedule.COOLDOWN_S - 2 * STALL_TIMEOUT_S
+        troubles = agent_faults(fleet.ids, list(fleet.tasks), seed, schedule.WARMUP_S / 2, last_s, STALL_TIMEOUT_S)
+        recoveries: list[asyncio.Task[None]] = []
+        started_ms = now_ms()
+        started = time.monotonic()
+        await fleet.start()
+        agent_job = asyncio.create_task(fleet.run_faults(troubles, started))
+        try:
+            for fault in plan:
+                await asyncio.sleep(max(0.0, started + fault.at_s - time.monotonic()))
+                say(f"hbreg chaos: {time.monotonic() - started:6.1f} s  {fault.kind} {fault.target}")
+                await inject(fault, system)
+                recoveries.append(asyncio.create_task(_measure(probes, fault)))
+            await asyncio.sleep(max(0.0, started + duration_s - time.monotonic()))
+            await asyncio.gather(*recoveries)
+            say("hbreg chaos: collecting the history")
+            events = await _read_events(settings)
+            alerts = await _active_alerts(settings)
+            running, tasks = await _tasks(settings, list(fleet.tasks.values()))
+        finally:
+            agent_job.cancel()
+            await fleet.stop()
+            await probes.close()
+        await asyncio.sleep(SETTLE_S)  # the last windows close and are written (the pipeline clock goes on)
+        windows = await _windows(settings, fleet.ids, started_ms)
+        stored, running_beats = await _stored_beats(settings)
+        kafka = _kafka_beats(
+            await _topic(settings.kafka_bootstrap, names.heartbeats_topic, hb.HeartbeatColumns.FromString)
+        )
+        reassignments = await _topic(
+            settings.kafka_bootstrap, names.reassignments_topic, hb.Reassignment.FromString, committed=True
+        )
+    finally:
+        await system.stop()
+    return History(
+        fleet,
+        troubles,
+        plan,
+        system.crashes,
+        int(settings.window_size * 1000),
+        events,
+        alerts,
+        running,
+        tasks,
+        windows,
+        stored,
+        running_beats,
+        kafka,
+        reassignments,
+    )
+
+
+async def _measure(probes: Probes, fault: schedule.Fault) -> None:
+    fault.recovery_s = await probes.recovery(fault)
+
+
+def judge(history: History, duration_s: float, seed: int) -> dict[str, Any]:
+    fleet, troubles = history.fleet, history.troubles
+    agents = {a: r for a, r in fleet.recorder.agents.items() if a in set(fleet.ids)}
+    acked = verdict.acknowledged(agents)
+    lost_redis = len(acked - history.stored)
+    lost_kafka = len(acked - history.kafka)
+    lost_windows, windows_checked = verdict.window_losses(agents, history.windows, history.window_ms)
+    killed = set(troubles.killed)
+    blame = verdict.blamer(history.plan)
+    offset_ms = fleet.recorder.wall_offset * 1000
+    detection = verdict.detection(history.events, set(fleet.ids), killed, set(troubles.hung), blame)
+    # every task runs at the end, and not on a killed agent
+    lost_tasks = sorted(
+        t for t in fleet.tasks.values() if t not in history.running or history.running[t].get("owner") in killed
+    )
+    overlaps = {
+        task: found
+        for task, record in history.tasks.items()
+        if (found := verdict.two_unfenced_owners(history.running_beats.get(task, []), record.get("history", [])))
+    }
+    recoveries = [f.recovery_s for f in history.plan]
+    out: dict[str, Any] = {
+        "seed": seed,
+        "duration_s": duration_s,
+        "agents": len(fleet.ids),
+        "interval_s": INTERVAL_S,
+        "stall_timeout_s": STALL_TIMEOUT_S,
+        **verdict.availability(agents, INTERVAL_S, JITTER, lambda at: blame(int(at * 1000 + offset_ms))),
+        "acked": len(acked),
+        "acked_lost": lost_redis + lost_kafka + lost_windows,
+        "acked_lost_by_stage": {"redis": lost_redis, "kafka": lost_kafka, "windows": lost_windows},
+        "windows_checked": windows_checked,
+        "unmatched_replies": fleet.recorder.unmatched,
+        **detection,
+        "killed_agents": len(killed),
+        "hung_agents": len(troubles.hung),
+        "paused_agents": len(troubles.paused),
+        "duplicate_reassignments": verdict.duplicate_reassignments(history.reassignments),
+        "reassignments": len(history.reassignments),
+        "reassignments_by_reason": verdict.reasons(history.reassignments),
+        "lost_tasks": len(lost_tasks),
+        "lost_task_ids": lost_tasks[:20],
+        "unfenced_overlaps": len(overlaps),
+        **verdict.alerts(history.events, history.alerts),
+        "faults": [f.summary() for f in history.plan],
+        "max_recovery_s": None
+        if any(r is None for r in recoveries)
+        else round(max((r for r in recoveries if r is not None), default=0.0), 2),
+        "crashes": history.crashes,
+    }
+    out["goals"] = GOALS
+    out["failed_goals"] = failed_goals(out)
+    return out
+
+
+def failed_goals(result: dict[str, Any]) -> list[str]:
+    failed = []
+    for key, goal in GOALS.items():
+        value = result.get(key)
+        if key == "availability":
+            ok = value is not None and value >= goal
+        elif key == "max_recovery_s":
+            ok = value is not None and value <= goal
+        else:
+            ok = value == goal
+        if not ok:
+            failed.append(f"{key}: {value} (goal {'>=' if key == 'availability' else '<='} {goal})")
+    return failed
+
+
+async def _read_events(settings: Settings) -> list[hb.AgentEvent]:
+    async with EventReader(settings.kafka_bootstrap or "", Names.of(settings).events_topic) as reader:
+        await reader.seek()
+        return await reader.history()
+
+
+def run(duration_s: float, agents: int, seed: int, keep: str | None = None) -> dict[str, Any]:
+    """The soak, judged. Progress goes to stderr; the logs of every process stay in `keep` if given."""
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    # the fleet's clients warn at every failed call, and failed calls are what a soak is made of: its
+    # verdict counts them instead
+    logging.getLogger("heartbeat_registry.client").setLevel(logging.ERROR)
+
+    with contextlib.ExitStack() as stack:
+        if keep:
+            workdir = pathlib.Path(keep)
+            workdir.mkdir(parents=True, exist_ok=True)
+        else:
+            workdir = stack.enter_context(bench_workdir())
+        history = asyncio.run(soak(duration_s, agents, seed, workdir, say))
+        return judge(history, duration_s, seed)
+
+
+def text(result: dict[str, Any]) -> str:
+    """The result for a terminal: the figures, each fault's recovery, and the goals missed."""
+    lines = [
+        f"seed {result['seed']}, {result['duration_s']:.0f} s, {result['agents']} agents",
+        f"availability           {result['availability']:.4%} of {result['heartbeats_due']} heartbeats due",
+        f"acknowledged lost      {result['acked_lost']} {result['acked_lost_by_stage']}",
+        f"false / missed stalls  {result['false_stalls']} / {result['missed_stalls']}",
+        f"duplicate events       {result['duplicate_events']}",
+        f"duplicate reassigns    {result['duplicate_reassignments']} of {result['reassignments']}",
+        f"lost tasks             {result['lost_tasks']}",
+        f"unfenced overlaps      {result['unfenced_overlaps']}",
+        f"alerts unresolved      {result['unresolved_alerts']}, unfired {result['unfired_alerts']}",
+        f"max recovery           {result['max_recovery_s']} s",
+        "faults:",
+        *(
+            f"  {f['at_s']:7.1f} s  {f['kind']:<15} {f['target']:<16} recovery {f['recovery_s']} s"
+            for f in result["faults"]
+        ),
+    ]
+    if result["crashes"]:
+        lines.append(f"crashes: {result['crashes']}")
+    lines.append(
+        "goals: " + ("all met" if not result["failed_goals"] else "MISSED " + "; ".join(result["failed_goals"]))
+    )
+    return "\n".join(lines)
