@@ -19,14 +19,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    UnknownProducerId,
+)
 from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError, ResponseError
 
@@ -57,6 +65,13 @@ class LeaseLost(Exception):
     """The unit's lease may have passed to another bridge: stop without forwarding what was read."""
 
 
+# The idempotent producer's sequence state can go wrong for good (a broker restarted while batches were in
+# flight): every later send then fails with one of these (found by the chaos soak: the bridge retried for
+# minutes). A new producer, with a new producer id, starts afresh; the failed cycle's entries are pending
+# in Redis and are claimed and sent again.
+PRODUCER_OUT_OF_STEP = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEpoch, ProducerFenced)
+
+
 class Bridge:
     """Forwards the shards this bridge holds leases on (processors/shard_leases.py).
 
@@ -77,9 +92,12 @@ class Bridge:
         watermark_interval: float,
         watermark_slack: float,
         lease_ttl: float = 3.0,
+        make_producer: Callable[[], Awaitable[AIOKafkaProducer]] | None = None,
     ) -> None:
         self._redis = client
-        self._producer = producer
+        self.producer = producer
+        self._make_producer = make_producer
+        self._producer_lock = asyncio.Lock()
         self._names = names
         self._partitions = partitions
         self._interval_ms = int(watermark_interval * 1000)
@@ -187,6 +205,7 @@ class Bridge:
         backlog = True
         asked = self._unit_stops[unit]
         while not stop.is_set() and not asked.is_set():
+            producer = self.producer
             try:
                 if backlog:
                     await self._claim_pending(unit)
@@ -195,11 +214,30 @@ class Bridge:
                 self._unit_healthy[unit] = True
             except LeaseLost:
                 return
+            except PRODUCER_OUT_OF_STEP as exc:
+                self._unit_healthy[unit] = False
+                backlog = True
+                log.warning("kafka producer out of step, starting a new one", extra={"error": repr(exc), "unit": unit})
+                await self._renew_producer(producer)
             except (RedisError, KafkaError, OSError) as exc:
                 self._unit_healthy[unit] = False
                 backlog = True
                 log.warning("bridge cycle failed, retrying", extra={"error": repr(exc), "unit": unit})
                 await asyncio.sleep(0.5)
+
+    async def _renew_producer(self, failed: AIOKafkaProducer) -> None:
+        """Replace `failed` with a new producer, once however many units saw it fail."""
+        async with self._producer_lock:
+            if self.producer is not failed or self._make_producer is None:
+                return
+            try:
+                self.producer = await self._make_producer()
+            except (KafkaError, OSError) as exc:  # the next failed cycle tries again
+                log.warning("could not start a new kafka producer", extra={"error": repr(exc)})
+                await asyncio.sleep(0.5)
+                return
+        with contextlib.suppress(Exception):  # what it still holds is pending in Redis: sent again
+            await asyncio.wait_for(failed.stop(), 5.0)
 
     async def _claim_pending(self, unit: int) -> None:
         """Take over every entry pending in the group on the unit's streams (a stopped bridge's, or ours
@@ -279,7 +317,7 @@ class Bridge:
                 continue
             tick = hb.HeartbeatColumns(watermark_ms=mark).SerializeToString()
             for record in _records(parts or [], tick):
-                sends.append(await self._producer.send(self._names.heartbeats_topic, record, partition=partition))
+                sends.append(await self.producer.send(self._names.heartbeats_topic, record, partition=partition))
             self._last_sent[partition] = wall
         if sends:
             started = time.perf_counter()
@@ -365,13 +403,15 @@ async def serve(settings: Settings, consumer: str) -> None:
         settings.kafka_bootstrap, pipeline_topics(names, settings.topic_partitions, Replication.of(settings))
     )
     client = redis_client.connect(settings, socket_timeout=5.0, socket_connect_timeout=2.0)
-    producer = await start_producer(  # acks=all, idempotent
+    make_producer = functools.partial(
+        start_producer,  # acks=all, idempotent
         bootstrap_servers=settings.kafka_bootstrap,
         linger_ms=2,
         max_request_size=4 * 1024 * 1024,
         max_batch_size=1024 * 1024,
         request_timeout_ms=15_000,
     )
+    producer = await make_producer()
     bridge = Bridge(
         client,
         producer,
@@ -381,13 +421,14 @@ async def serve(settings: Settings, consumer: str) -> None:
         settings.watermark_interval,
         settings.watermark_slack,
         settings.bridge_lease,
+        make_producer,
     )
     await bridge.setup()
     cleanup = await health.serve(settings.bridge_metrics_addr, lambda: bridge.healthy)
     log.info("bridge running", extra={"consumer": bridge.consumer, "streams": len(names.streams())})
     # A cycle in progress finishes (forward, then XACK) before the loop sees `stop`: nothing half-sent.
     await bridge.run(stop)
-    await producer.stop()
+    await bridge.producer.stop()
     await cleanup()
     await client.aclose()
     log.info("bridge stopped")

@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import pathlib
+import random
 import re
 import shutil
 import socket
@@ -54,10 +55,38 @@ def kafka_libs() -> pathlib.Path:
     return PROJECT_ROOT / ".cache" / "kafka" / kafka_version() / "libs"
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_ports = random.Random()
+_given: set[int] = set()  # never the same port twice from one process
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, for a service started moments later. Taken below the kernel's ephemeral range
+    where there is room: a port the kernel handed out to nobody can still go to the next outgoing
+    connection of any process (a fleet of thousands of them, in the chaos soak) before the service binds
+    it; a port outside that range cannot."""
+    low, _ = _ephemeral_range()
+    for attempt in range(100):
+        port = _ports.randrange(10000, low) if low > 11000 and attempt < 50 else 0
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = int(s.getsockname()[1])
+        if port not in _given:
+            _given.add(port)
+            return port
+    raise ServiceError("no free TCP port found on 127.0.0.1")
 
 
 def wait_port(host: str, port: int, timeout: float, what: str) -> None:

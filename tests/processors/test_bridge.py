@@ -11,9 +11,11 @@ import time
 import grpc
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import OutOfOrderSequenceNumber
 
 from heartbeat_registry.core import redis_client
 from heartbeat_registry.core.names import Names, partition_of
+from heartbeat_registry.core.producers import start_producer
 from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.core.topics import ensure_topics, pipeline_topics
 from heartbeat_registry.hbreg import services
@@ -210,3 +212,55 @@ async def test_two_bridges_split_the_shards_and_one_takes_over_when_the_other_is
             per_partition[record.partition].append(cols.watermark_ms)
     for marks in per_partition.values():  # one forwarder per partition at a time: its clock never goes back
         assert marks == sorted(marks)
+
+
+class OutOfStep:
+    """A producer whose broker lost its sequence state: every send fails as the broker then answers."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    async def send(self, *_: object, **__: object) -> None:
+        raise OutOfOrderSequenceNumber()
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+async def test_a_producer_out_of_step_is_replaced_and_nothing_is_lost(pipeline_settings: Settings) -> None:
+    """Found by the chaos soak: after a Kafka restart with batches in flight, the idempotent producer's every
+    send failed with OutOfOrderSequenceNumber and the bridge retried for minutes. It now starts a new
+    producer and sends the failed cycle's entries (pending in Redis) with it."""
+    settings = pipeline_settings
+    names = Names.of(settings)
+    await ensure_topics(settings.kafka_bootstrap, pipeline_topics(names, settings.topic_partitions))
+    ingest = Ingest(settings)
+    await ingest.start()
+    client = redis_client.connect(settings)
+    made: list[AIOKafkaProducer] = []
+
+    async def make_producer() -> AIOKafkaProducer:
+        producer = await start_producer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=2)
+        made.append(producer)
+        return producer
+
+    broken = OutOfStep()
+    bridge = Bridge(client, broken, names, settings.topic_partitions, "bridge-s", 0.1, 0.2, 3.0, make_producer)  # type: ignore[arg-type]
+    await bridge.setup()
+    stop = asyncio.Event()
+    task = asyncio.create_task(bridge.run(stop))
+    try:
+        async with grpc.aio.insecure_channel(settings.grpc_addr) as channel:
+            await hb_grpc.HeartbeatServiceStub(channel).BeatBatch(batch(1, 500))
+        records = await read_records(
+            settings.kafka_bootstrap, names.heartbeats_topic, lambda rs: sum(delivered(rs).values()) >= 500
+        )
+    finally:
+        stop.set()
+        await task
+        for producer in made:
+            await producer.stop()
+        await client.aclose()
+        await ingest.stop()
+    assert broken.stopped and len(made) == 1, "one new producer, however many shards saw the old one fail"
+    assert set(delivered(records)) == set(range(1, 501))

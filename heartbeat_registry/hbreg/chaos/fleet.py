@@ -109,6 +109,12 @@ class SoakFleet:
             # sooner than the default 5 s, and goes to the other one
             rpc_timeout=RPC_TIMEOUT_S,
         )
+        for n, client in enumerate(self.fleet.agents.values()):
+            # each agent lists the ingests in its own order, so the fleet starts spread over both (as
+            # behind a load balancer) and a fault of one moves half of it, not all
+            client.endpoints = (
+                client.endpoints[n % len(client.endpoints) :] + client.endpoints[: n % len(client.endpoints)]
+            )
 
     async def start(self) -> None:
         await self.fleet.start()

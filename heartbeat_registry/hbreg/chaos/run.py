@@ -39,7 +39,6 @@ from heartbeat_registry.pb import hb
 
 INTERVAL_S = 1.0
 STALL_TIMEOUT_S = 5.0
-SETTLE_S = 60.0  # after the fleet stops: until its last windows are closed and written
 GOALS = {
     "availability": 0.999,
     "max_recovery_s": 5.0,
@@ -244,7 +243,8 @@ async def soak(duration_s: float, agents: int, seed: int, workdir: pathlib.Path,
             agent_job.cancel()
             await fleet.stop()
             await probes.close()
-        await asyncio.sleep(SETTLE_S)  # the last windows close and are written (the pipeline clock goes on)
+        # the last windows close and are written (the pipeline clock goes on without the fleet)
+        await asyncio.sleep(2 * settings.window_size + settings.window_grace + 5.0)
         windows = await _windows(settings, fleet.ids, started_ms)
         stored, running_beats = await _stored_beats(settings)
         kafka = _kafka_beats(
