@@ -264,3 +264,47 @@ async def test_a_producer_out_of_step_is_replaced_and_nothing_is_lost(pipeline_s
         await ingest.stop()
     assert broken.stopped and len(made) == 1, "one new producer, however many shards saw the old one fail"
     assert set(delivered(records)) == set(range(1, 501))
+
+
+async def test_entries_another_bridge_read_and_left_are_forwarded(pipeline_settings: Settings) -> None:
+    """Found by the chaos soak: a bridge that lost its lease (paused past it) read once more before it
+    noticed; what it read stayed pending under its name, and the holder's reads never returned it, so an
+    acknowledged heartbeat never reached Kafka. The holder now claims such entries every cycle."""
+    settings = pipeline_settings
+    names = Names.of(settings)
+    ingest = Ingest(settings)
+    await ingest.start()
+    stop = asyncio.Event()
+    bridge = await run_bridge(settings, stop)
+    client = redis_client.connect(settings)
+    stolen = 0
+    stealing = True
+
+    async def steal() -> None:  # a bridge that no longer holds the shards, reading and never acknowledging
+        nonlocal stolen
+        while stealing:
+            for stream in names.streams():
+                reply = await client.xreadgroup(names.bridge_group, "gone-bridge", {stream: ">"}, count=1)
+                stolen += sum(len(entries) for _, entries in reply or [])
+            await asyncio.sleep(0.001)
+
+    thief = asyncio.create_task(steal())
+    try:
+        async with grpc.aio.insecure_channel(settings.grpc_addr) as channel:
+            stub = hb_grpc.HeartbeatServiceStub(channel)
+            for start in range(1, 2001, 100):
+                await stub.BeatBatch(batch(start, 100))
+                await asyncio.sleep(0.02)
+        stealing = False
+        await thief
+        records = await read_records(
+            settings.kafka_bootstrap, names.heartbeats_topic, lambda rs: set(delivered(rs)) >= set(range(1, 2001))
+        )
+    finally:
+        stealing = False
+        stop.set()
+        await bridge.task
+        await client.aclose()
+        await ingest.stop()
+    assert stolen > 0, "positive control: the other consumer took entries the holder's reads then skipped"
+    assert set(delivered(records)) == set(range(1, 2001))
