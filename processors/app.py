@@ -225,10 +225,11 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
         state.hold(event, offset, newest)
         ready = state.releasable()
         now = time.monotonic()
-        if state.dirty and (ready or now - last_snapshot.get(partition, 0.0) >= SNAPSHOT_EVERY_S):
+        if state.dirty and (ready or events or now - last_snapshot.get(partition, 0.0) >= SNAPSHOT_EVERY_S):
             # Coalesced: a chunk is one table value, so writing it per record while many agents change
             # at once (a fleet starting) fills the changelog with copies and stalls the stream on faust's
-            # producer buffer. Written before any release, so acknowledged records are in the snapshot.
+            # producer buffer. Written before any release, so acknowledged records are in the snapshot,
+            # and with every event, so a worker killed after sending one does not send it again.
             last_snapshot[partition] = now
             for chunk, agents in state.dirty_chunks().items():
                 snapshots[f"p{partition}/{chunk}"] = agents

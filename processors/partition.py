@@ -18,10 +18,10 @@ tables lack, and nothing is counted twice or lost.
    watermark tick of its own (processors/app.py) so the writes, and the releases, complete.
 3. A record that fed no open window (a watermark tick, a late or undecodable record) is released once the
    windows closed so far are written, so a quiet partition's ticks are committed too.
-4. Before any release, the snapshot chunks of agents changed since their last write (written at most
-   once a second otherwise, processors/app.py) and the snapshot meta (`next_offset` = the oldest record
-   still held, the pipeline clock, the windows written) are written: the table write precedes the
-   commit it covers.
+4. Before any release, the snapshot chunks of agents changed since their last write (written with
+   every event too, and otherwise at most once a second, processors/app.py) and the snapshot meta
+   (`next_offset` = the oldest record still held, the pipeline clock, the windows written) are written:
+   the table write precedes the commit it covers.
 
 ## Recovery
 

@@ -280,15 +280,14 @@ async def test_entries_another_bridge_read_and_left_are_forwarded(pipeline_setti
     stolen = 0
     stealing = True
 
-    async def steal() -> None:  # a bridge that no longer holds the shards, reading and never acknowledging
+    async def steal(stream: str) -> None:  # a bridge that lost the shard: it reads, and never acknowledges
         nonlocal stolen
         while stealing:
-            for stream in names.streams():
-                reply = await client.xreadgroup(names.bridge_group, "gone-bridge", {stream: ">"}, count=1)
-                stolen += sum(len(entries) for _, entries in reply or [])
-            await asyncio.sleep(0.001)
+            # blocked like the holder, so Redis hands new entries to either of the two
+            reply = await client.xreadgroup(names.bridge_group, "gone-bridge", {stream: ">"}, count=1, block=50)
+            stolen += sum(len(entries) for _, entries in reply or [])
 
-    thief = asyncio.create_task(steal())
+    thief = asyncio.gather(*(steal(stream) for stream in names.streams()))
     try:
         async with grpc.aio.insecure_channel(settings.grpc_addr) as channel:
             stub = hb_grpc.HeartbeatServiceStub(channel)
