@@ -22,11 +22,11 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
-from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge
 
 from heartbeat_registry.beats import now_ms
 from heartbeat_registry.core import health, redis_client
+from heartbeat_registry.core.events import sink_event
 from heartbeat_registry.core.lifecycle import stop_signal
 from heartbeat_registry.core.names import Names
 from heartbeat_registry.core.settings import Settings
@@ -47,26 +47,15 @@ UNDECODABLE = Counter(
 TICK_S = 0.5
 
 
+def unsendable(event: hb.AgentEvent) -> str | None:
+    """Why Alertmanager could not take the alerts of `event`, or None."""
+    if sendable(event):
+        return None
+    return f"times without an RFC 3339 form ({event.detected_at_ms}, {event.emitted_at_ms})"
+
+
 def agent_event(record: Any) -> hb.AgentEvent | None:
-    """The record's AgentEvent, or None (counted, logged with its position) for bytes that do not parse,
-    no value, no event type (an empty value, another message), or times Alertmanager cannot take."""
-    try:
-        event = hb.AgentEvent.FromString(record.value)
-    except (DecodeError, TypeError):  # TypeError: a record without a value
-        why = "not an AgentEvent"
-    else:
-        if event.type == hb.EVENT_TYPE_UNSPECIFIED:
-            why = "no event type"
-        elif not sendable(event):
-            why = f"times without an RFC 3339 form ({event.detected_at_ms}, {event.emitted_at_ms})"
-        else:
-            return event
-    UNDECODABLE.inc()
-    log.warning(
-        "skipped an agent-events record that is no AgentEvent it can send",
-        extra={"partition": record.partition, "offset": record.offset, "why": why},
-    )
-    return None
+    return sink_event(record, UNDECODABLE, log, unsendable)
 
 
 class Member:

@@ -31,11 +31,11 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from aiolimiter import AsyncLimiter
-from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge, Histogram
 
 from heartbeat_registry.beats import now_ms
 from heartbeat_registry.core import health, redis_client
+from heartbeat_registry.core.events import sink_event
 from heartbeat_registry.core.lifecycle import stop_signal
 from heartbeat_registry.core.names import Names, partition_of
 from heartbeat_registry.core.producers import start_producer
@@ -73,28 +73,16 @@ def position(record: Any) -> str:
     return f"{record.topic}:{record.partition}:{record.offset}"
 
 
-def agent_event(record: Any) -> hb.AgentEvent | None:
-    """The record's AgentEvent, or None for one the sink cannot act on: bytes that do not parse, no value,
-    no event type (an empty value, another message), an expiry without a whole epoch. Those are counted
-    and skipped: retrying them would hold up every event behind them on the partition, forever."""
-    try:
-        event = hb.AgentEvent.FromString(record.value)
-    except (DecodeError, TypeError):  # TypeError: a record without a value
-        why = "not an AgentEvent"
-    else:
-        epoch = event.figures.get("epoch", 0.0)
-        if event.type == hb.EVENT_TYPE_UNSPECIFIED:
-            why = "no event type"
-        elif event.type == hb.ASSIGNMENT_EXPIRED and not (math.isfinite(epoch) and 0 <= epoch == int(epoch) < 2**63):
-            why = f"an assignment expiry with epoch {epoch}"
-        else:
-            return event
-    UNDECODABLE.inc()
-    log.warning(
-        "skipped an agent-events record that is no AgentEvent it can act on",
-        extra={"partition": record.partition, "offset": record.offset, "why": why},
-    )
+def unusable(event: hb.AgentEvent) -> str | None:
+    """Why the sink cannot act on `event` (an expiry without a whole epoch), or None."""
+    epoch = event.figures.get("epoch", 0.0)
+    if event.type == hb.ASSIGNMENT_EXPIRED and not (math.isfinite(epoch) and 0 <= epoch == int(epoch) < 2**63):
+        return f"an assignment expiry with epoch {epoch}"
     return None
+
+
+def agent_event(record: Any) -> hb.AgentEvent | None:
+    return sink_event(record, UNDECODABLE, log, unusable)
 
 
 class Producers(ConsumerRebalanceListener):

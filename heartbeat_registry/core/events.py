@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from google.protobuf.message import DecodeError
@@ -23,6 +24,32 @@ from heartbeat_registry.pb import hb
 log = logging.getLogger(__name__)
 HISTORY_MS = 24 * 3600 * 1000  # what `hbreg events` and the query API show of the past
 UNDECODABLE = Counter("hbreg_events_undecodable_total", "agent-events records that are no AgentEvent, skipped")
+
+
+def sink_event(
+    record: Any,
+    skipped: Counter,
+    logger: logging.Logger,
+    unusable: Callable[[hb.AgentEvent], str | None],
+) -> hb.AgentEvent | None:
+    """A consuming sink's view of an `agent-events` record: its AgentEvent, or None, counted in `skipped`
+    and logged with its position, for bytes that do not parse, no value, no event type (an empty value,
+    another message) or what `unusable` names a reason for. Retrying such a record would hold up every
+    event behind it on the partition, forever."""
+    try:
+        event = hb.AgentEvent.FromString(record.value)
+    except (DecodeError, TypeError):  # TypeError: a record without a value
+        why: str | None = "not an AgentEvent"
+    else:
+        why = "no event type" if event.type == hb.EVENT_TYPE_UNSPECIFIED else unusable(event)
+        if why is None:
+            return event
+    skipped.inc()
+    logger.warning(
+        "skipped an agent-events record that is no AgentEvent the sink can use",
+        extra={"partition": record.partition, "offset": record.offset, "why": why},
+    )
+    return None
 
 
 def time_order(events: Iterable[hb.AgentEvent]) -> list[hb.AgentEvent]:

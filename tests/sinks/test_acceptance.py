@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from heartbeat_registry.core.names import Names
 from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.core.tokens import mint
+from heartbeat_registry.hbreg.chaos.verdict import two_unfenced_owners
 from heartbeat_registry.hbreg.simulate import Fleet
 from heartbeat_registry.pb import hb
 from tests.core.test_up import up_env_on
@@ -51,30 +52,6 @@ async def running_beats(settings: Settings) -> dict[str, list[tuple[int, str]]]:
     finally:
         await client.aclose()
     return {task: sorted(beats) for task, beats in out.items()}
-
-
-def two_unfenced_owners(beats: list[tuple[int, str]], history: list[dict]) -> list[str]:
-    """Overlaps between agents' unfenced RUNNING spans on one task (a beat after the agent was fenced off
-    the task, before it owned it again, does not count)."""
-    fenced: dict[str, list[int]] = collections.defaultdict(list)
-    owned: dict[str, list[int]] = collections.defaultdict(list)
-    for change in history:
-        if change["what"] in ("orphaned", "assignment_expired"):
-            fenced[change["agent_id"]].append(change["at_ms"])
-        elif change["what"] == "running":
-            owned[change["agent_id"]].append(change["at_ms"])
-
-    def unfenced(agent: str, at: int) -> bool:
-        last_fence = max((t for t in fenced[agent] if t <= at), default=None)
-        return last_fence is None or any(last_fence < t <= at for t in owned[agent])
-
-    spans: dict[str, list[int]] = {}
-    for at, agent in beats:
-        if unfenced(agent, at):
-            span = spans.setdefault(agent, [at, at])
-            span[1] = at
-    ordered = sorted(spans.items(), key=lambda item: item[1][0])
-    return [f"{a}{sa} ~ {b}{sb}" for (a, sa), (b, sb) in zip(ordered, ordered[1:], strict=False) if sb[0] <= sa[1]]
 
 
 async def test_every_task_of_killed_agents_runs_again_under_hbreg_up(
