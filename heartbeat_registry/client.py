@@ -9,8 +9,10 @@ synchronous programs) hold one long-lived BeatStream (falling back to unary Beat
 not offer streams), beat every `interval` seconds with jitter and at once when the status changes,
 sample the process's CPU themselves, reconnect with exponential backoff and jitter, and fail over between
 endpoints. A heartbeat is a snapshot of the current state, so nothing queues up while disconnected: memory
-stays constant and the first beat after a reconnect says where the agent is now. The caller is never
-blocked: `report()` only records.
+stays constant and the first beat after a reconnect says where the agent is now. Only the last beat, when
+it got no reply (an error, or nothing within `rpc_timeout`), is sent again whole (same seq) to the next
+endpoint while it is younger than an interval: the agent's beat is still on time, and the workers count a
+beat both ingests stored once. The caller is never blocked: `report()` only records.
 
 An ASSIGN directive (the Role Assignment service handed this agent a task) reaches the program once per
 (task, epoch): through `on_assign`, and `AsyncHeartbeatClient.assignments()`, an async iterator. Taking it
@@ -205,6 +207,7 @@ class AsyncHeartbeatClient:
         self.use_stream = True
         self._seq = 0
         self._acked_seq = 0
+        self._unanswered: tuple[float, hb.Heartbeat] | None = None  # (monotonic, beat) sent, no reply yet
         self._answered = False  # the current connection got at least one reply
         self._tasks: dict[str, TaskContext] = {}
         self._wake: asyncio.Event | None = None
@@ -323,6 +326,18 @@ class AsyncHeartbeatClient:
         if self._wake is not None and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._wake.set)  # from any thread, the loop's own included
 
+    def _next_beat(self) -> hb.Heartbeat:
+        """The beat to send: the last one again, whole, if it got no reply and is younger than an interval
+        (the ingest that took it may have failed before storing it, and it is already due; should both
+        ingests store it, the workers count it once), else a new one."""
+        if self._unanswered is not None:
+            built, beat = self._unanswered
+            if time.monotonic() - built < self.interval:
+                return beat
+        beat = self._beat()
+        self._unanswered = (time.monotonic(), beat)
+        return beat
+
     def _beat(self) -> hb.Heartbeat:
         self._seq += 1
         cpu = self.cpu if self.cpu is not None else (self._sampler.sample() if self._sampler else 0.0)
@@ -356,6 +371,8 @@ class AsyncHeartbeatClient:
         self._answered = True
         self._refused_by.clear()
         self._acked_seq = max(self._acked_seq, reply.seq)
+        if self._unanswered is not None and reply.seq >= self._unanswered[1].seq:
+            self._unanswered = None
         self.last_reply_ms = reply.received_ms
         self.beats_acknowledged += 1
         if self.on_reply is not None:
@@ -449,7 +466,8 @@ class AsyncHeartbeatClient:
                 # pushback and the backoff apply once every endpoint failed in a row.
                 index += 1
             if len(self.endpoints) > 1 and misses < len(self.endpoints):
-                delay = retry_delay(0.0, self.backoff_initial, self._rng)
+                # the unanswered beat goes out again there, still within its interval
+                delay = self._rng.uniform(0.0, self.backoff_initial / 2)
             else:
                 delay = retry_delay(pushback, backoff, self._rng)
             # the code and details go into the message itself: a default formatter drops `extra`
@@ -476,7 +494,7 @@ class AsyncHeartbeatClient:
         call = stub.BeatStream(metadata=self._metadata())
         try:
             while not self._closing:
-                await call.write(self._beat())
+                await call.write(self._next_beat())
                 reply = await asyncio.wait_for(call.read(), self.rpc_timeout)
                 if reply is grpc.aio.EOF:
                     return  # ended with OK (a draining ingest); a refusal raises from read() instead
@@ -487,7 +505,7 @@ class AsyncHeartbeatClient:
 
     async def _unary(self, stub: hb_grpc.HeartbeatServiceStub) -> None:
         while not self._closing:
-            reply = await stub.Beat(self._beat(), timeout=self.rpc_timeout, metadata=self._metadata())
+            reply = await stub.Beat(self._next_beat(), timeout=self.rpc_timeout, metadata=self._metadata())
             self._on_reply(reply)
             await self._pause()
 

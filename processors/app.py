@@ -212,10 +212,12 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
                 extra={"partition": partition, "offset": offset},
             )
             cols = hb.HeartbeatColumns()  # folded in as a record without heartbeats or watermark
-        late = state.late
+        late, repeats = state.late, state.repeats
         events, newest = state.fold(cols)
         if state.late != late:
             metrics.WORKER_LATE.inc(state.late - late)
+        if state.repeats != repeats:
+            metrics.WORKER_REPEATED.inc(state.repeats - repeats)
         for agent_event in events:
             await emit(agent_event)
         written = state.written_until

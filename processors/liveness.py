@@ -22,6 +22,10 @@ Rules:
 An episode is identified by the agent's last beat before it stalled: exactly one stall and one recovery
 event per episode, and replaying heartbeats already reflected in the state (after a restart) changes
 nothing.
+
+A heartbeat stored twice counts once (`repeated()`): the client sends an unanswered beat again, whole,
+to the next ingest, and the first ingest may have stored it too. Its (seq, agent timestamp) is not newer
+than the agent's newest one; a restarted agent counts from seq 1 again, but on a later clock.
 """
 
 from __future__ import annotations
@@ -109,6 +113,8 @@ class Agent:
         "hist_i",
         "hsum",
         "hsq",
+        "seq",
+        "sent",
     )
 
     def __init__(self, agent_id: str) -> None:
@@ -131,6 +137,10 @@ class Agent:
         self.hist_i = 0
         self.hsum = 0.0
         self.hsq = 0.0
+        # Heartbeat.seq and .timestamp (agent clock) of its newest heartbeat folded in. Not in the snapshot:
+        # the records replayed after a restore must all count again in the windows they rebuild.
+        self.seq = 0
+        self.sent = 0
 
     def add_interval(self, interval: float) -> None:
         if self.hist_n == HISTORY:
@@ -234,14 +244,25 @@ class Liveness:
 
     # --- inputs -------------------------------------------------------------------------------
 
-    def beat(self, agent_id: str, task_id: str, status: int, cpu: float, received: int) -> hb.AgentEvent | None:
-        """Update the agent; returns a recovery or overdue-stall event when one is due."""
+    def repeated(self, agent_id: str, seq: int, sent: int) -> bool:
+        """This heartbeat (by its seq and agent timestamp; seq 0: not counted) was folded in already: the
+        client sent it again to another ingest when the first did not answer, and both stored it."""
+        agent = self.agents.get(agent_id)
+        return agent is not None and 0 < seq <= agent.seq and sent <= agent.sent
+
+    def beat(
+        self, agent_id: str, task_id: str, status: int, cpu: float, received: int, seq: int = 0, sent: int = 0
+    ) -> hb.AgentEvent | None:
+        """Update the agent; returns a recovery or overdue-stall event when one is due. `seq` and `sent`:
+        the heartbeat's own, for `repeated()`."""
         agent = self.agents.get(agent_id)
         if agent is None:
             agent = self.agents[agent_id] = Agent(agent_id)
             agent.since = received
             self.changed.add(agent_id)
-        elif received <= agent.last_seen:
+        if seq:
+            agent.seq, agent.sent = seq, sent
+        if received <= agent.last_seen:
             return None  # replayed or out of order: already reflected
         rules = self.rules
         if agent.last_seen:

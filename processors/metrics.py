@@ -25,6 +25,11 @@ WORKER_LATE = Counter(
     "Heartbeats dropped because their window was already closed: replays after a restart, or later than "
     "HBREG_WINDOW_GRACE",
 )
+WORKER_REPEATED = Counter(
+    "hbreg_worker_repeated_heartbeats_total",
+    "Heartbeats stored twice and counted once: an agent sent an unanswered heartbeat again to another ingest "
+    "and both stored it",
+)
 WORKER_EARLY = Counter(
     "hbreg_worker_early_records_total",
     "Records dropped because they came before the one their partition needed (fetched before faust sought "

@@ -42,7 +42,9 @@ without them, giving every agent a full deadline from there.
 
 from __future__ import annotations
 
+import itertools
 import zlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from heartbeat_registry.core.windowstats import WindowStats
@@ -76,16 +78,25 @@ class ClosedWindow:
         ]
 
 
+def beats_of(cols: hb.HeartbeatColumns) -> Iterator[tuple[str, str, int, float, int, int, int]]:
+    """(agent, task, status, cpu, received, seq, agent timestamp) of each heartbeat of a record; seq and
+    timestamp 0 where a record lacks those columns."""
+    n = len(cols.agent_id)
+    seqs: Iterable[int] = cols.seq if len(cols.seq) == n else itertools.repeat(0, n)
+    sent: Iterable[int] = cols.timestamp if len(cols.timestamp) == n else itertools.repeat(0, n)
+    return zip(cols.agent_id, cols.task_id, cols.status, cols.cpu_util, cols.received_ms, seqs, sent, strict=False)
+
+
 def judge(liveness: Liveness, cols: hb.HeartbeatColumns, closed: list[ClosedWindow]) -> list[hb.AgentEvent]:
     """What `PartitionState.fold` decides about one record, for another set of rules: the same beats,
     then the same clock, then the windows that fold closed (windows do not depend on the rules), in
     fold's order. `hbreg tune` judges every extra parameter set this way, so the windows are counted once
     for all of them; a test keeps it equal to `fold`."""
     events = []
-    for agent_id, task_id, status, cpu, received in zip(
-        cols.agent_id, cols.task_id, cols.status, cols.cpu_util, cols.received_ms, strict=False
-    ):
-        event = liveness.beat(agent_id, task_id, status, cpu, received)
+    for agent_id, task_id, status, cpu, received, seq, sent in beats_of(cols):
+        if liveness.repeated(agent_id, seq, sent):
+            continue
+        event = liveness.beat(agent_id, task_id, status, cpu, received, seq, sent)
         if event is not None:
             events.append(event)
     events.extend(liveness.advance(cols.watermark_ms))
@@ -107,6 +118,7 @@ class PartitionState:
         self.open: dict[int, dict[str, WindowStats]] = {}  # window start -> agent -> accumulator
         self.closed_until = 0  # windows ending at or before this are final
         self.late = 0  # heartbeats dropped because their window was closed (replays, or later than the grace)
+        self.repeats = 0  # heartbeats stored twice (sent again to another ingest), counted once
         self.dirty: set[str] = set()  # agents changed since the last snapshot write
         self.touched: set[str] = set()  # agents that beat since the last publish to the query store
         self.changed: set[str] = set()  # agents whose liveness state changed since the last publish
@@ -197,12 +209,13 @@ class PartitionState:
         agents = liveness.agents
         open_windows = self.open
         touched = self.touched
-        for agent_id, task_id, status, cpu, received in zip(
-            cols.agent_id, cols.task_id, cols.status, cols.cpu_util, cols.received_ms, strict=False
-        ):
+        for agent_id, task_id, status, cpu, received, seq, sent in beats_of(cols):
+            if liveness.repeated(agent_id, seq, sent):
+                self.repeats += 1
+                continue
             known = agents.get(agent_id)
             previous = known.last_seen if known is not None else 0
-            event = liveness.beat(agent_id, task_id, status, cpu, received)
+            event = liveness.beat(agent_id, task_id, status, cpu, received, seq, sent)
             if event is not None:
                 events.append(event)
             touched.add(agent_id)

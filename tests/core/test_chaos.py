@@ -17,7 +17,6 @@ from tests.conftest import require_binary
 
 DURATION_S = 300
 AGENTS = 300
-AVAILABILITY_FLOOR = 0.985  # measured 0.9897 and 0.9900 (seed 7, this machine); the goal is 0.999
 
 
 def test_schedule_is_seeded_and_has_every_fault_kind() -> None:
@@ -65,10 +64,6 @@ def test_five_minute_soak_meets_its_goals(tmp_path) -> None:
     assert len(result["faults"]) >= 16 and all(f["end"] >= f["start"] > 0 for f in result["faults"])
     assert result["killed_agents"] > 0 and result["reassignments"] >= result["killed_agents"]
     assert result["acked"] > DURATION_S * AGENTS * 0.8 and result["windows_checked"] > 0
-    # Every goal of the soak, except availability: its goal (0.999) is not met with a fault every 16 s
-    # (docs/reliability.md: each cut between an ingest and Redis, and each Valkey restart, costs its agents
-    # about one heartbeat); this guards the level measured instead.
+    # every goal of the soak, availability (>= 0.999 of the heartbeats acknowledged within 1 s) included
     shown = json.dumps({k: v for k, v in result.items() if k != "faults"}, indent=1)
-    missed = [goal for goal in result["failed_goals"] if not goal.startswith("availability:")]
-    assert not missed, shown
-    assert result["availability"] >= AVAILABILITY_FLOOR, shown
+    assert result["failed_goals"] == [], shown

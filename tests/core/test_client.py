@@ -154,6 +154,49 @@ async def test_goes_straight_to_the_other_endpoint_when_one_refuses(auth_setting
         await first.stop(grace=0.1)
 
 
+async def test_a_beat_left_unanswered_is_sent_again_to_the_other_endpoint(auth_settings: Settings) -> None:
+    """An ingest whose Redis link hangs never answers: after `rpc_timeout` the client sends the same beat
+    (same seq) to the other ingest, so that beat is acknowledged within a second of being built instead
+    of lost (found by the chaos soak: every ingest–Redis partition cost each of its agents a beat)."""
+    from heartbeat_registry.hbreg import services
+
+    first = Ingest(auth_settings)
+    second_settings = dataclasses.replace(auth_settings, grpc_addr=f"127.0.0.1:{services.free_port()}")
+    second = Ingest(second_settings)
+    await first.start()
+    await second.start()
+    sent: dict[int, float] = {}
+    answered: dict[int, float] = {}
+    client = AsyncHeartbeatClient(
+        "agent-h",
+        [auth_settings.grpc_addr, second_settings.grpc_addr],
+        token=token("agent-h"),
+        interval=0.5,
+        rpc_timeout=0.3,
+        on_sent=lambda beat: sent.setdefault(beat.seq, time.monotonic()),
+        on_reply=lambda reply: answered.setdefault(reply.seq, time.monotonic()),
+    )
+    await client.start()
+    try:
+        await eventually(lambda: client.connected and client.endpoint == auth_settings.grpc_addr, 5)
+        await eventually(lambda: len(answered) >= 3, 5)
+
+        async def hang(batch: object) -> None:
+            await asyncio.Event().wait()
+
+        first.writer.write = hang  # type: ignore[method-assign]
+        hung_from = max(sent)
+        await eventually(lambda: client.endpoint == second_settings.grpc_addr and len(answered) >= hung_from + 3, 5)
+        unanswered = sorted(set(range(1, max(answered))) - set(answered))
+        assert unanswered == [], f"beats never acknowledged: {unanswered}"
+        slowest = max(answered[seq] - sent[seq] for seq in range(hung_from, max(answered)))
+        assert slowest < 1.0, f"a beat took {slowest:.2f} s to be acknowledged"
+    finally:
+        await client.stop()
+        await second.stop(grace=0.1)
+        await first.stop(grace=0.1)
+
+
 async def fence(settings: Settings, agent: str, task: str, epoch: int) -> None:
     client = aioredis.Redis.from_url(settings.redis_url)
     await client.hset(Names.of(settings).fenced(partition_of(agent, settings.stream_shards)), agent, f"{task} {epoch}")

@@ -16,11 +16,13 @@ T0 = 1_800_000_000_000
 
 def records(seed: int) -> list[hb.HeartbeatColumns]:
     """60 s of 40 agents beating every ~500 ms with everything the rules look at: pauses, deaths, low CPU
-    (hung), a task run too long (overdue), agents leaving, and 25 silent together (a mass silence)."""
+    (hung), a task run too long (overdue), agents leaving, 25 silent together (a mass silence), and beats
+    stored twice."""
     rng = random.Random(seed)
     fate = {f"a{i}": rng.choice(["steady", "pause", "dead", "hung", "leaves", "overdue"]) for i in range(40)}
     mass = set(rng.sample(sorted(fate), 25))
     next_beat = {a: rng.randint(0, 500) for a in fate}
+    seq = dict.fromkeys(fate, 0)
     out = []
     for at in range(0, 60_000, 100):
         cols = hb.HeartbeatColumns(watermark_ms=T0 + at - 200)
@@ -42,6 +44,14 @@ def records(seed: int) -> list[hb.HeartbeatColumns]:
             cols.cpu_util.append(cpu)
             cols.progress.append(float("nan"))
             cols.received_ms.append(T0 + at + rng.randint(0, 99))
+            seq[agent] += 1
+            cols.seq.append(seq[agent])
+            if rng.random() < 0.05:  # stored twice: sent again to the other ingest, which stored it later
+                for column in (cols.agent_id, cols.task_id, cols.status, cols.timestamp, cols.cpu_util):
+                    column.append(column[-1])
+                cols.progress.append(float("nan"))
+                cols.received_ms.append(cols.received_ms[-1] + rng.randint(1, 50))
+                cols.seq.append(seq[agent])
         out.append(cols)
     return out
 

@@ -76,6 +76,40 @@ def test_windows_close_on_watermark_and_replays_are_dropped() -> None:
     assert [(w.start, {k: v.beats for k, v in w.rows.items()}) for w in closed] == [(10_000, {"a": 1})]
 
 
+def test_a_heartbeat_stored_twice_counts_once() -> None:
+    """An agent sends a beat that got no reply again, whole, to the other ingest; when both stored it, the
+    copy (same seq and agent timestamp, later or earlier in the stream) counts nowhere. A restarted agent
+    numbers from 1 again, on a later clock: it counts."""
+    beats = [  # (seq, agent timestamp, received)
+        (1, 1000, 1000),
+        (2, 2000, 2010),
+        (2, 2000, 2600),  # the other ingest stored it too
+        (3, 3000, 3005),
+        (2, 2000, 2020),  # the first ingest's copy, stored late
+        (1, 5000, 5000),  # the agent restarted
+        (2, 6000, 6000),
+    ]
+    record = hb.HeartbeatColumns(
+        agent_id=["a"] * len(beats),
+        task_id=["t"] * len(beats),
+        status=[hb.RUNNING] * len(beats),
+        cpu_util=[0.5] * len(beats),
+        seq=[s for s, _, _ in beats],
+        timestamp=[t for _, t, _ in beats],
+        received_ms=[r for _, _, r in beats],
+    )
+    state = PartitionState(0, window_ms=10_000, rules=RULES)
+    state.add(record)
+    assert state.repeats == 2
+    assert state.liveness.agents["a"].last_seen == 6000
+    # a replay after a restore rebuilds the open window the same way
+    restored = PartitionState.restore(0, 10_000, RULES, state.snapshot_meta(), list(state.dirty_chunks().values()), {})
+    restored.add(record)
+    for folded in (state, restored):
+        _, closed = folded.advance(10_000)
+        assert [(w.start, {k: v.beats for k, v in w.rows.items()}) for w in closed] == [(0, {"a": 5})]
+
+
 def test_a_window_takes_late_heartbeats_until_its_grace_ends() -> None:
     state = PartitionState(0, window_ms=10_000, rules=RULES, grace_ms=1000)
     state.add(cols([("a", 9000)], 9000))

@@ -27,7 +27,7 @@ PAUSED_SHARE = 0.05
 HUNG_SHARE = 0.02
 IDLE_SHARE = 0.2
 JITTER = 0.2
-RPC_TIMEOUT_S = 1.5
+RPC_TIMEOUT_S = 0.5
 
 
 @dataclasses.dataclass
@@ -109,7 +109,7 @@ class SoakFleet:
             on_sent=self.recorder.sent,
             on_reply=self.recorder.reply,
             # an agent that wants its beats acknowledged within a second gives up on a silent ingest
-            # sooner than the default 5 s, and goes to the other one
+            # sooner than the default 5 s, and sends the beat again to the other one
             rpc_timeout=RPC_TIMEOUT_S,
         )
         for n, client in enumerate(self.fleet.agents.values()):
