@@ -353,8 +353,9 @@ class AsyncHeartbeatClient:
         """Until the next beat is due, or the program reported a change."""
         assert self._wake is not None
         delay = self.interval * self._rng.uniform(1 - self.jitter, 1 + self.jitter)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), delay)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):  # not wait_for, which can swallow a cancellation (see stop())
+                await self._wake.wait()
         self._wake.clear()
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:

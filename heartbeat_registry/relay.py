@@ -308,8 +308,12 @@ class Relay:
                 delay = since + self.flush - time.monotonic()
                 if delay > 0:
                     self._wake.clear()
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that arrives
+                    # as the wake-up does (bpo-42130), and this loop would go on after being cancelled
+                    # (it held `hbreg bench scale` up on SIGTERM)
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), delay)
+                        async with asyncio.timeout(delay):
+                            await self._wake.wait()
                     continue
             await self._slots.acquire()
             batch = self._take()

@@ -46,11 +46,6 @@ RETRY_PUSHBACK_MS = 250
 GC_THRESHOLDS = (10_000, 10, 100)
 
 
-def _at(index: int, batch: bool) -> str:
-    """Where in the request a refused heartbeat sits, as the field path's prefix."""
-    return f"heartbeats[{index}]." if batch else ""
-
-
 class Refused(Exception):
     def __init__(self, code: grpc.StatusCode, reason: str, message: str, retry_ms: int = 0) -> None:
         super().__init__(message)
@@ -71,46 +66,46 @@ class HeartbeatService(hb_grpc.HeartbeatServiceServicer):
         self._max_batch = settings.max_batch
         self._max_skew_ms = int(settings.max_clock_skew * 1000)
 
-    def _admit(self, beats: Sequence[hb.Heartbeat], identity: Identity, received: int, prefix: bool) -> Batch:
-        """Pack `beats` for the writer; raise Refused for the first one that may not be stored."""
-        now = time.monotonic()
+    def _fields(self, beat: hb.Heartbeat, identity: Identity, received: int, now: float, at: str) -> validate.Fields:
+        """The heartbeat's fields for the writer; raises Refused if it may not be stored (`at`: where in
+        the request it sits, as the field path's prefix)."""
+        fields = validate.fields_of(beat)
+        agent = fields[0]
+        try:
+            validate.check_fields(*fields, received, self._max_skew_ms)
+        except validate.Refusal as exc:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, exc.field, at + str(exc)) from None
+        if not identity.allows(agent):
+            raise Refused(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "identity",
+                f"{at}agent_id: {agent!r} is not an agent the caller may speak for "
+                f"(credentials are for {identity.agent_id!r})",
+            )
         limiter = self._limiter
+        if not limiter.allow(agent, now):
+            retry = limiter.retry_after_ms(agent)
+            raise Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "rate_limit",
+                f"{at}agent_id: {agent!r} exceeds the rate limit of "
+                f"{limiter.rate:g} heartbeats/s (burst {limiter.burst:g}); retry in {retry} ms",
+                retry,
+            )
+        return fields
+
+    def _admit(self, beats: Sequence[hb.Heartbeat], identity: Identity, received: int, now: float) -> Batch:
+        """Pack a batch's `beats` for the writer; raise Refused for the first one that may not be stored."""
         batch = self._writer.batch(received)
-        allows = identity.allows
-        allow = limiter.allow
-        skew = self._max_skew_ms
         try:
             for i, beat in enumerate(beats):
-                fields = validate.fields_of(beat)
-                agent = fields[0]
-                try:
-                    validate.check_fields(*fields, received, skew)
-                except validate.Refusal as exc:
-                    raise Refused(grpc.StatusCode.INVALID_ARGUMENT, exc.field, _at(i, prefix) + str(exc)) from None
-                if not allows(agent):
-                    raise Refused(
-                        grpc.StatusCode.PERMISSION_DENIED,
-                        "identity",
-                        f"{_at(i, prefix)}agent_id: {agent!r} is not an agent the caller may speak for "
-                        f"(credentials are for {identity.agent_id!r})",
-                    )
-                if not allow(agent, now):
-                    retry = limiter.retry_after_ms(agent)
-                    raise Refused(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        "rate_limit",
-                        f"{_at(i, prefix)}agent_id: {agent!r} exceeds the rate limit of "
-                        f"{limiter.rate:g} heartbeats/s (burst {limiter.burst:g}); retry in {retry} ms",
-                        retry,
-                    )
-                batch.add(*fields, beat.seq)
+                batch.add(*self._fields(beat, identity, received, now, f"heartbeats[{i}]."), beat.seq)
         except Refused:
             # a refused request stores nothing, so it uses none of its agents' rates: a relay sends the
             # rest of a refused batch again, and those agents must not pay for the refused attempt
             for admitted in beats[:i]:
-                limiter.refund(admitted.agent_id)
+                self._limiter.refund(admitted.agent_id)
             raise
-        limiter.sweep(now)
         return batch
 
     async def _handle(
@@ -120,14 +115,20 @@ class HeartbeatService(hb_grpc.HeartbeatServiceServicer):
         identity: Identity,
         context: grpc.aio.ServicerContext,
         received: int,
-        prefix: bool = False,
+        batch: bool = False,
     ) -> list[hb.Directive]:
         """Admit and store `beats`; aborts the call with the right status when they are refused. Returns
         the directives for the reply, after an assignee's RUNNING beat made it the task's owner."""
+        now = time.monotonic()
         try:
-            batch = self._admit(beats, identity, received, prefix)
+            if batch:
+                pending = self._writer.write(self._admit(beats, identity, received, now))
+            else:  # one heartbeat: packed straight into its shard's next round trip
+                (beat,) = beats
+                pending = self._writer.write_one(*self._fields(beat, identity, received, now, ""), beat.seq, received)
+            self._limiter.sweep(now)
             try:
-                news = await self._writer.write(batch)
+                news = await pending
             except Overloaded as exc:
                 raise Refused(
                     grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded", f"ingest overloaded: {exc}", RETRY_PUSHBACK_MS
@@ -166,7 +167,7 @@ class HeartbeatService(hb_grpc.HeartbeatServiceServicer):
             code = grpc.StatusCode.INVALID_ARGUMENT if not beats else grpc.StatusCode.RESOURCE_EXHAUSTED
             await context.abort(code, f"heartbeats: {len(beats)} heartbeats; a batch holds 1 to {self._max_batch}")
         metrics.BATCH_SIZE.observe(len(beats))
-        directives = await self._handle("batch", beats, identity, context, received, prefix=True)
+        directives = await self._handle("batch", beats, identity, context, received, batch=True)
         return hb.BeatBatchReply(received_ms=received, accepted=len(beats), directives=directives)
 
     async def BeatStream(  # type: ignore[override]

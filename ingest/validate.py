@@ -44,7 +44,11 @@ def _span(ms: int) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds:.0f} s"
 
 
-def fields_of(beat: hb.Heartbeat) -> tuple[str, str, int, int, float, float | None]:
+# (agent_id, task_id, status, timestamp, cpu_util, progress or None)
+Fields = tuple[str, str, int, int, float, float | None]
+
+
+def fields_of(beat: hb.Heartbeat) -> Fields:
     """(agent_id, task_id, status, timestamp, cpu_util, progress or None), each read once: every read of
     a protobuf field builds a new Python object, and the hot path would otherwise read them thrice."""
     return (

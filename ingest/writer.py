@@ -124,7 +124,12 @@ class StreamWriter:
         self._retention_ms = int(retention_s * 1000)
         self._max_pending = max_pending
         self._script = client.register_script(scripts.WRITE_SHARD)
-        self._queues: list[list[tuple[Columns, _Write]]] = [[] for _ in range(names.shards)]
+        # per shard, in arrival order: (columns, the RPC's _Write) for a batch, and (columns, their callers'
+        # futures) for single heartbeats (a unary Beat, a stream's message: the common case), which go
+        # straight into the queue's last entry of singles: no Batch, columns or _Write per call
+        self._queues: list[list[tuple[Columns, _Write | list[asyncio.Future[TaskNews]]]]] = [
+            [] for _ in range(names.shards)
+        ]
         self._wakeups = [asyncio.Event() for _ in range(names.shards)]
         self._pending = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -148,14 +153,55 @@ class StreamWriter:
             wakeup.set()
         await asyncio.gather(*self._tasks)
 
-    async def write(self, batch: Batch) -> TaskNews:
-        """Store `batch`; returns, for its agents that have any, their fences and the tasks offered to them."""
+    def _check(self, count: int) -> None:
         if self._closing:
             raise Unavailable("ingest is shutting down")
         if not self.available:
             raise Unavailable("redis is unreachable")
-        if self._pending + batch.count > self._max_pending:
+        if self._pending + count > self._max_pending:
             raise Overloaded(f"{self._pending} heartbeats already waiting for Redis")
+
+    async def write_one(
+        self,
+        agent: str,
+        task: str,
+        status: int,
+        timestamp: int,
+        cpu: float,
+        progress: float | None,
+        seq: int,
+        received: int,
+    ) -> TaskNews:
+        """Store one heartbeat (the fields as `Batch.add` takes them); returns the fences and offers of the
+        agents of its round trip, its own among them if it has any."""
+        self._check(1)
+        shard = partition_of(agent, self._names.shards)
+        queue = self._queues[shard]
+        if queue and type(queue[-1][1]) is list:
+            cols, futures = queue[-1]
+        else:
+            cols, futures = Columns(), []
+            queue.append((cols, futures))
+        cols.agent_id.append(agent)
+        cols.task_id.append(task)
+        cols.status.append(status)
+        cols.timestamp.append(timestamp)
+        cols.cpu_util.append(cpu)
+        cols.progress.append(NAN if progress is None else progress)
+        cols.received_ms.append(received)
+        cols.seq.append(seq)
+        future: asyncio.Future[TaskNews] = asyncio.get_running_loop().create_future()
+        futures.append(future)  # type: ignore[union-attr]
+        self._pending += 1
+        self._wakeups[shard].set()
+        try:
+            return await future
+        finally:
+            self._pending -= 1
+
+    async def write(self, batch: Batch) -> TaskNews:
+        """Store `batch`; returns, for its agents that have any, their fences and the tasks offered to them."""
+        self._check(batch.count)
         future: asyncio.Future[TaskNews] = asyncio.get_running_loop().create_future()
         write = _Write(future, len(batch.shards), batch.count)
         self._pending += batch.count
@@ -182,7 +228,7 @@ class StreamWriter:
                 await wakeup.wait()
                 wakeup.clear()
                 continue
-            if last < LINGER_BELOW and self._pending > len(queued) and not self._closing:
+            if last < LINGER_BELOW and self._pending > sum(len(cols) for cols, _ in queued) and not self._closing:
                 # The last round trip carried next to nothing while other calls are in flight: at the
                 # rates of unary Beats and of agents' streams each would carry one heartbeat, and each
                 # costs ~100 us of redis-py in this process. Wait a moment for more to join this one.
@@ -206,17 +252,23 @@ class StreamWriter:
                     "redis write failed", extra={"error": repr(exc), "shard": shard, "heartbeats": len(merged.agent_id)}
                 )
                 error = Unavailable(f"redis write failed: {exc}")
-                for _, write in queued:
-                    if not write.future.done():
-                        write.future.set_exception(error)
+                for _, waiting in queued:
+                    for future in waiting if isinstance(waiting, list) else (waiting.future,):
+                        if not future.done():  # its caller may have gone (a cancelled call)
+                            future.set_exception(error)
             else:
                 fences = (
                     {_text(reply[i]): (_text(reply[i + 1]), _text(reply[i + 2])) for i in range(0, len(reply), 3)}
                     if reply
                     else NO_NEWS
                 )
-                for cols, write in queued:
-                    write.shard_done(cols, fences)
+                for cols, waiting in queued:
+                    if isinstance(waiting, list):
+                        for future in waiting:
+                            if not future.done():
+                                future.set_result(fences)
+                    else:
+                        waiting.shard_done(cols, fences)
 
     def _minid(self) -> int:
         return now_ms() - self._retention_ms

@@ -24,8 +24,9 @@ event per episode, and replaying heartbeats already reflected in the state (afte
 nothing.
 
 A heartbeat stored twice counts once (`repeated()`): the client sends an unanswered beat again, whole,
-to the next ingest, and the first ingest may have stored it too. Its (seq, agent timestamp) is not newer
-than the agent's newest one; a restarted agent counts from seq 1 again, but on a later clock.
+to the next ingest, and the first ingest may have stored it too; the copy has the same (seq, agent
+timestamp) as one of the agent's last two heartbeats. One limit: a copy in a later window than its
+original, replayed after a restart that lost that pair, counts in both windows.
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ class Agent:
         "hsq",
         "seq",
         "sent",
+        "seq0",
+        "sent0",
     )
 
     def __init__(self, agent_id: str) -> None:
@@ -137,10 +140,10 @@ class Agent:
         self.hist_i = 0
         self.hsum = 0.0
         self.hsq = 0.0
-        # Heartbeat.seq and .timestamp (agent clock) of its newest heartbeat folded in. Not in the snapshot:
-        # the records replayed after a restore must all count again in the windows they rebuild.
-        self.seq = 0
-        self.sent = 0
+        # Heartbeat.seq and .timestamp (agent clock) of the last heartbeat folded in, and of the one before
+        # (a copy stored late, after the next beat). Not in the snapshot: the records replayed after a
+        # restore must all count again in the windows they rebuild.
+        self.seq = self.sent = self.seq0 = self.sent0 = 0
 
     def add_interval(self, interval: float) -> None:
         if self.hist_n == HISTORY:
@@ -245,10 +248,16 @@ class Liveness:
     # --- inputs -------------------------------------------------------------------------------
 
     def repeated(self, agent_id: str, seq: int, sent: int) -> bool:
-        """This heartbeat (by its seq and agent timestamp; seq 0: not counted) was folded in already: the
-        client sent it again to another ingest when the first did not answer, and both stored it."""
+        """This heartbeat was one of the last two folded in (the same seq and agent timestamp; seq 0: not
+        numbered): the client sent it again to another ingest when the first did not answer, and both
+        stored it. Exact pairs, not "not newer": a restarted agent numbers from 1 again, possibly on a
+        clock still behind (a host that booted before its clock was synchronised)."""
         agent = self.agents.get(agent_id)
-        return agent is not None and 0 < seq <= agent.seq and sent <= agent.sent
+        return (
+            agent is not None
+            and seq > 0
+            and ((seq == agent.seq and sent == agent.sent) or (seq == agent.seq0 and sent == agent.sent0))
+        )
 
     def beat(
         self, agent_id: str, task_id: str, status: int, cpu: float, received: int, seq: int = 0, sent: int = 0
@@ -261,7 +270,7 @@ class Liveness:
             agent.since = received
             self.changed.add(agent_id)
         if seq:
-            agent.seq, agent.sent = seq, sent
+            agent.seq0, agent.sent0, agent.seq, agent.sent = agent.seq, agent.sent, seq, sent
         if received <= agent.last_seen:
             return None  # replayed or out of order: already reflected
         rules = self.rules

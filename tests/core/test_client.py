@@ -181,10 +181,10 @@ async def test_a_beat_left_unanswered_is_sent_again_to_the_other_endpoint(auth_s
         await eventually(lambda: client.connected and client.endpoint == auth_settings.grpc_addr, 5)
         await eventually(lambda: len(answered) >= 3, 5)
 
-        async def hang(batch: object) -> None:
+        async def hang(*beat: object) -> None:
             await asyncio.Event().wait()
 
-        first.writer.write = hang  # type: ignore[method-assign]
+        first.writer.write_one = hang  # type: ignore[method-assign]
         hung_from = max(sent)
         await eventually(lambda: client.endpoint == second_settings.grpc_addr and len(answered) >= hung_from + 3, 5)
         unanswered = sorted(set(range(1, max(answered))) - set(answered))

@@ -92,6 +92,40 @@ async def test_concurrent_writes_share_round_trips(ingest, redis, settings: Sett
     assert entries <= names.shards
 
 
+async def test_single_heartbeats_share_round_trips_with_batches(ingest, redis, settings: Settings) -> None:
+    """Single heartbeats (unary Beat, stream messages) go straight into their shard's next round trip,
+    alongside whole batches; a caller that went away (a cancelled call) takes nobody else's reply with it."""
+    writer = ingest.writer
+    now = int(time.time() * 1000)
+    batch = writer.batch(now)
+    for i in range(50):
+        batch.add(f"batch-{i}", "t", hb.RUNNING, now, 0.5, None, 1)
+    batch.add("mixed", "t", hb.RUNNING, now, 0.5, None, 1)
+    # the tasks run in this order before the writer does: one round trip, the batch queued first, and the
+    # same agent's single beat after it must be written after it
+    whole = asyncio.create_task(writer.write(batch))
+    singles = [
+        asyncio.create_task(writer.write_one(f"one-{i}", "t", hb.RUNNING, now, 0.5, 0.5 if i % 2 else None, i + 1, now))
+        for i in range(200)
+    ]
+    singles.append(asyncio.create_task(writer.write_one("mixed", "t", hb.RUNNING, now, 0.5, None, 2, now)))
+    await asyncio.sleep(0)  # every caller is waiting for its round trip now
+    singles[7].cancel()
+    results = await asyncio.gather(*singles, whole, return_exceptions=True)
+    assert isinstance(results[7], asyncio.CancelledError)
+    assert all(r == {} for i, r in enumerate(results) if i != 7), results
+    names = Names.of(settings)
+    rows = await stored(redis, names)
+    assert {a for a, _, _ in rows} >= {f"one-{i}" for i in range(200) if i != 7} | {f"batch-{i}" for i in range(50)}
+    assert sum([len(await redis.xrange(s)) for s in names.streams()]) <= names.shards
+    (mixed,) = [s for s in names.streams() if s == names.stream(partition_of("mixed", settings.stream_shards))]
+    seqs = []
+    for _, fields in await redis.xrange(mixed):
+        cols = hb.HeartbeatColumns.FromString(fields[b"b"])
+        seqs += [seq for agent, seq in zip(cols.agent_id, cols.seq, strict=True) if agent == "mixed"]
+    assert seqs == [1, 2]
+
+
 @pytest.mark.parametrize(
     "changes, field",
     [

@@ -79,7 +79,7 @@ def test_windows_close_on_watermark_and_replays_are_dropped() -> None:
 def test_a_heartbeat_stored_twice_counts_once() -> None:
     """An agent sends a beat that got no reply again, whole, to the other ingest; when both stored it, the
     copy (same seq and agent timestamp, later or earlier in the stream) counts nowhere. A restarted agent
-    numbers from 1 again, on a later clock: it counts."""
+    numbers from 1 again, whatever its clock says: it counts."""
     beats = [  # (seq, agent timestamp, received)
         (1, 1000, 1000),
         (2, 2000, 2010),
@@ -88,6 +88,8 @@ def test_a_heartbeat_stored_twice_counts_once() -> None:
         (2, 2000, 2020),  # the first ingest's copy, stored late
         (1, 5000, 5000),  # the agent restarted
         (2, 6000, 6000),
+        (1, 500, 7000),  # restarted again, on a clock still behind (not synchronised yet)
+        (2, 1500, 8000),
     ]
     record = hb.HeartbeatColumns(
         agent_id=["a"] * len(beats),
@@ -101,13 +103,13 @@ def test_a_heartbeat_stored_twice_counts_once() -> None:
     state = PartitionState(0, window_ms=10_000, rules=RULES)
     state.add(record)
     assert state.repeats == 2
-    assert state.liveness.agents["a"].last_seen == 6000
+    assert state.liveness.agents["a"].last_seen == 8000
     # a replay after a restore rebuilds the open window the same way
     restored = PartitionState.restore(0, 10_000, RULES, state.snapshot_meta(), list(state.dirty_chunks().values()), {})
     restored.add(record)
     for folded in (state, restored):
         _, closed = folded.advance(10_000)
-        assert [(w.start, {k: v.beats for k, v in w.rows.items()}) for w in closed] == [(0, {"a": 5})]
+        assert [(w.start, {k: v.beats for k, v in w.rows.items()}) for w in closed] == [(0, {"a": 7})]
 
 
 def test_a_window_takes_late_heartbeats_until_its_grace_ends() -> None:

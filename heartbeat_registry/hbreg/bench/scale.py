@@ -11,9 +11,9 @@ A sample of agents (`--kills`) falls silent at random times; each must get exact
 the stall timeout (3 intervals) + 0.5 s of its last heartbeat. Every other stall is false. It prints:
 `sent`, `accepted`, `refused` (by status code), `false_stalls`, `missed_stalls`,
 `detection_delay_p99_ms`, the relays' round trip (`relay_rtt_ms`), `rss_mb` (per process, at the start
-of the measured period and at its end) and `cpu_s_per_1k_hb` (CPU seconds each process spent per 1,000
-heartbeats), plus Redis bytes per agent and per retained heartbeat and Kafka bytes per heartbeat: the
-figures docs/scaling.md sizes deployments from.
+of the measured period and at its end; `rss_mb_every_60s` in between) and `cpu_s_per_1k_hb` (CPU seconds
+each process spent per 1,000 heartbeats), plus Redis bytes per agent and per retained heartbeat and Kafka
+bytes per heartbeat: the figures docs/scaling.md sizes deployments from.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ RELAY_FLUSH_S = 0.01
 SLACK_MS = 500  # the allowance past the stall timeout
 RETENTION_S = 300.0
 WINDOW_INTERVALS = 6  # beats per window row
+SERIES_S = 60.0  # RSS is sampled this often during the measured period
 
 
 class Fleet:
@@ -119,12 +120,21 @@ class Fleet:
 
 
 class Sampler:
-    """RSS and CPU time of the central processes, at the start of the measured period and at its end."""
+    """RSS and CPU time of the central processes, at the start of the measured period and at its end, and
+    RSS every SERIES_S in between: whether memory levels off once retention is reached shows only there."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
         self.start: dict[str, tuple[float, float]] = {}
         self.end: dict[str, tuple[float, float]] = {}
+        self.series: dict[str, list[float]] = collections.defaultdict(list)
+
+    async def follow(self) -> None:
+        """RSS every SERIES_S until cancelled (psutil reads /proc: quick, but not on the loop)."""
+        while True:
+            await asyncio.sleep(SERIES_S)
+            for name, (rss, _) in (await asyncio.to_thread(self._sample)).items():
+                self.series[name].append(round(rss, 1))
 
     def _sample(self) -> dict[str, tuple[float, float]]:
         out = {}
@@ -162,6 +172,16 @@ async def _drive(
     cores = [Relay(settings.grpc_addr, flush=RELAY_FLUSH_S, max_batch=5000) for _ in range(relays)]
     for relay in cores:
         await relay.start()
+    try:
+        return await _measure(settings, agents, interval, duration, kills, sampler, cores)
+    finally:  # also when SIGTERM cancels the run
+        for relay in cores:
+            await relay.close()
+
+
+async def _measure(
+    settings: Settings, agents: int, interval: float, duration: float, kills: int, sampler: Sampler, cores: list[Relay]
+) -> tuple[Fleet, dict[str, Any]]:
     fleet = Fleet(agents, interval, cores)
     timeout = settings.stall_timeout
     begin = time.monotonic()
@@ -176,10 +196,14 @@ async def _drive(
     run = asyncio.create_task(fleet.run(end, schedule))
     await warm
     sampler.mark_start()
+    follow = asyncio.create_task(sampler.follow())
     client = redis_client.connect(settings)
     redis_start = (await client.info("memory"))["used_memory"]
     sent_start, started_ms = fleet.sent, now_ms()
-    await run
+    try:
+        await run
+    finally:
+        follow.cancel()
     sampler.mark_end()
     measured = {
         "heartbeats": fleet.sent - sent_start,
@@ -196,8 +220,6 @@ async def _drive(
         row_bytes += await client.memory_usage(key, samples=0) or 0
     measured["window_rows"], measured["window_row_bytes"] = rows, row_bytes
     await client.aclose()
-    for relay in cores:
-        await relay.close()
     return fleet, measured
 
 
@@ -292,6 +314,7 @@ def run(
                 for name in sampler.end
                 if name in sampler.start
             },
+            f"rss_mb_every_{SERIES_S:g}s": dict(sampler.series),
             "cpu_s_per_1k_hb": {
                 name: round((sampler.end[name][1] - sampler.start[name][1]) / (heartbeats / 1000), 4)
                 for name in sampler.end

@@ -85,10 +85,12 @@ async def inject(fault: schedule.Fault, system: System) -> None:
     fault.end_ms = now_ms()
 
 
-async def _stored_beats(settings: Settings) -> tuple[set[tuple[str, int]], dict[str, list[tuple[int, str]]]]:
-    """(agent, seq) of every heartbeat in the Redis streams; task -> (receive time, agent) RUNNING on it."""
+async def _stored_beats(settings: Settings) -> tuple[dict[tuple[str, int], int], dict[str, list[tuple[int, str]]]]:
+    """(agent, seq) of every heartbeat in the Redis streams -> the receive time of its first copy (an agent
+    sends a beat again to the other ingest when the first did not answer: both may have stored it); task
+    -> (receive time, agent) RUNNING on it."""
     client: Any = redis_client.connect(settings)
-    seen: set[tuple[str, int]] = set()
+    seen: dict[tuple[str, int], int] = {}
     running: dict[str, list[tuple[int, str]]] = collections.defaultdict(list)
     try:
         for stream in Names.of(settings).streams():
@@ -96,7 +98,8 @@ async def _stored_beats(settings: Settings) -> tuple[set[tuple[str, int]], dict[
             while entries := await client.xrange(stream, min=after, count=5000):
                 for _, fields in entries:
                     cols = hb.HeartbeatColumns.FromString(fields[b"b"])
-                    seen.update(zip(cols.agent_id, cols.seq, strict=True))
+                    for agent, seq, received in zip(cols.agent_id, cols.seq, cols.received_ms, strict=True):
+                        seen.setdefault((agent, seq), received)
                     for agent, task, status, at in zip(
                         cols.agent_id, cols.task_id, cols.status, cols.received_ms, strict=True
                     ):
@@ -202,7 +205,7 @@ class History:
     running: dict[str, dict]  # task -> its record, for the tasks running at the end
     tasks: dict[str, dict]  # task -> its record (history included), for every task the fleet started with
     windows: dict[str, dict[int, dict]]
-    stored: set[tuple[str, int]]
+    stored: dict[tuple[str, int], int]  # (agent, seq) -> receive time of its first stored copy
     running_beats: dict[str, list[tuple[int, str]]]
     kafka: set[tuple[str, int]]
     reassignments: list[hb.Reassignment]
@@ -281,9 +284,9 @@ def judge(history: History, duration_s: float, seed: int) -> dict[str, Any]:
     fleet, troubles = history.fleet, history.troubles
     agents = {a: r for a, r in fleet.recorder.agents.items() if a in set(fleet.ids)}
     acked = verdict.acknowledged(agents)
-    lost_redis = len(acked - history.stored)
+    lost_redis = len(acked.difference(history.stored))
     lost_kafka = len(acked - history.kafka)
-    lost_windows, windows_checked = verdict.window_losses(agents, history.windows, history.window_ms)
+    lost_windows, windows_checked = verdict.window_losses(agents, history.windows, history.window_ms, history.stored)
     killed = set(troubles.killed)
     blame = verdict.blamer(history.plan)
     offset_ms = fleet.recorder.wall_offset * 1000

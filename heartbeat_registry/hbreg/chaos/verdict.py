@@ -5,7 +5,7 @@
   than the interval allows, less one interval); an agent's own silences (killed, paused) do not count.
 - durability: acknowledged heartbeats (agent, seq) missing from the Redis streams, from Kafka `heartbeats`
   and from the window counts (a closed window counting fewer beats of an agent than were acknowledged in
-  it).
+  it, each in the window of its first stored copy).
 - detection: stalls of agents that did nothing wrong, or a second stall of one that did (false); killed and
   hung agents without a stall (missed); an event id seen twice (duplicate).
 - recovery: a reassignment published twice (same task and epoch, or same stall); tasks not running at the
@@ -69,13 +69,19 @@ def acknowledged(agents: dict[str, Any]) -> set[tuple[str, int]]:
     }
 
 
-def window_losses(agents: dict[str, Any], windows: dict[str, dict[int, dict]], window_ms: int) -> tuple[int, int]:
-    """(acknowledged heartbeats missing from closed windows, closed windows checked)."""
+def window_losses(
+    agents: dict[str, Any], windows: dict[str, dict[int, dict]], window_ms: int, stored: dict[tuple[str, int], int]
+) -> tuple[int, int]:
+    """(acknowledged heartbeats missing from closed windows, closed windows checked). `stored`: (agent, seq)
+    -> receive time of its first copy in the streams. A heartbeat both ingests stored counts once, in the
+    window of the copy the worker folded in first, which need not be the one whose reply the agent took."""
     lost = checked = 0
     for agent, record in agents.items():
-        acked: collections.Counter[int] = collections.Counter(
-            r - r % window_ms for r, rtt in zip(record.received, record.rtt, strict=True) if not math.isnan(rtt)
-        )
+        acked: collections.Counter[int] = collections.Counter()
+        for index, (received, rtt) in enumerate(zip(record.received, record.rtt, strict=True)):
+            if not math.isnan(rtt):
+                at = stored.get((agent, index + 1), received)
+                acked[at - at % window_ms] += 1
         rows = windows.get(agent, {})
         for start, count in acked.items():
             row = rows.get(start)
