@@ -178,6 +178,14 @@ class HeartbeatService(hb_grpc.HeartbeatServiceServicer):
             beat = await requests.read()
             if beat is None:
                 return
+            if not self._writer.available:
+                # Refused before it takes an admission slot: during a Redis outage every agent retries
+                # every few hundred ms, and slots spent on streams that cannot store anything pushed the
+                # slots promised to the crowd seconds past the outage (found by the chaos soak: a 5 s
+                # Valkey restart left 587 agents waiting long enough to be stalled).
+                metrics.REFUSED.labels("stream", "redis_unavailable").inc()
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(RETRY_PUSHBACK_MS)),))
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "redis is unreachable")
             # Admitted or refused once its first heartbeat is read: the client then waits in its read of
             # the reply and gets the refusal whole. A refusal as the stream opens races the client's first
             # write, and the asyncio client reports that race as INTERNAL, without the pushback.

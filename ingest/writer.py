@@ -1,6 +1,7 @@
 """Group commit of heartbeats into Redis.
 
-Each RPC packs its admitted heartbeats column-wise by shard (a `Batch`) and hands it to the one writer;
+A BeatBatch packs its admitted heartbeats column-wise by shard (a `Batch`) and hands it to the one writer;
+a single heartbeat (a unary Beat, a stream's message) goes straight into its shard's queue (`write_one`);
 whatever arrived while the previous Redis round trip was in flight goes out together in the next one,
 one WRITE_SHARD script call per shard, all pipelined. So the cost per heartbeat is a few list appends in
 Python, not a Redis round trip, whether it came by Beat, BeatBatch or BeatStream. A caller's future

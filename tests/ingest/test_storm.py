@@ -9,6 +9,7 @@ import dataclasses
 import heapq
 import random
 import time
+import types
 
 import grpc
 
@@ -80,6 +81,36 @@ async def test_streams_beyond_the_pace_are_refused_with_a_pushback(settings: Set
             assert (await admitted.read()).seq == 2
             rows = await stored(redis, Names.of(settings))
             assert sorted(a for a, _, _ in rows) == ["storm-0", "storm-0", "storm-1"]  # refused: not stored
+    finally:
+        for call in calls:
+            call.cancel()
+        await ingest.stop(grace=0.5)
+
+
+async def test_streams_refused_while_redis_is_down_take_no_admission_slot(settings: Settings) -> None:
+    """While its Redis is down, an ingest refuses new streams with UNAVAILABLE before admission: the
+    crowd retrying through the outage must not use up the slots, or be promised slots far past it."""
+    ingest = Ingest(dataclasses.replace(settings, stream_open_rate=2.0))  # a burst of 2, then one per 0.5 s
+    await ingest.start()
+    calls = []
+    try:
+        async with grpc.aio.insecure_channel(settings.grpc_addr) as channel:
+            stub = hb_grpc.HeartbeatServiceStub(channel)
+            ingest.watch.writer = types.SimpleNamespace()  # the watch would find Redis reachable again
+            ingest.writer.available = False  # as after a failed write
+            for n in range(10):
+                call, answer = await _open(stub, f"outage-{n}")
+                calls.append(call)
+                assert isinstance(answer, grpc.aio.AioRpcError) and answer.code() == grpc.StatusCode.UNAVAILABLE
+                assert int(dict(answer.trailing_metadata() or ())["grpc-retry-pushback-ms"]) <= 1000
+            ingest.writer.available = True  # Redis is back: the burst is all there
+            for n in range(2):
+                call, answer = await _open(stub, f"back-{n}")
+                calls.append(call)
+                assert isinstance(answer, hb.BeatReply), answer
+            call, answer = await _open(stub, "over")  # positive control: the pace still applies
+            calls.append(call)
+            assert isinstance(answer, grpc.aio.AioRpcError) and answer.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
         for call in calls:
             call.cancel()
