@@ -46,6 +46,13 @@ RETRY_PUSHBACK_MS = 250
 GC_THRESHOLDS = (10_000, 10, 100)
 
 
+def _refusal(exc: Overloaded | Unavailable) -> Refused:
+    """What the caller is told when the writer cannot take its heartbeats."""
+    if isinstance(exc, Overloaded):
+        return Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded", f"ingest overloaded: {exc}", RETRY_PUSHBACK_MS)
+    return Refused(grpc.StatusCode.UNAVAILABLE, "redis_unavailable", str(exc), RETRY_PUSHBACK_MS)
+
+
 class Refused(Exception):
     def __init__(self, code: grpc.StatusCode, reason: str, message: str, retry_ms: int = 0) -> None:
         super().__init__(message)
@@ -129,17 +136,10 @@ class HeartbeatService(hb_grpc.HeartbeatServiceServicer):
             self._limiter.sweep(now)
             try:
                 news = await pending
-            except Overloaded as exc:
-                raise Refused(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded", f"ingest overloaded: {exc}", RETRY_PUSHBACK_MS
-                ) from None
-            except Unavailable as exc:
-                raise Refused(grpc.StatusCode.UNAVAILABLE, "redis_unavailable", str(exc), RETRY_PUSHBACK_MS) from None
+            except (Overloaded, Unavailable) as exc:
+                raise _refusal(exc) from None
         except Refused as refusal:
-            metrics.REFUSED.labels(rpc, refusal.reason).inc(len(beats))
-            if refusal.retry_ms:
-                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(refusal.retry_ms)),))
-            await context.abort(refusal.code, str(refusal))
+            await self._refuse(context, rpc, refusal, len(beats))
         metrics.ACCEPTED_BY_RPC[rpc].inc(len(beats))
         directives, confirms = directives_for(beats, news, received)
         for confirm in confirms:
@@ -147,6 +147,14 @@ class HeartbeatService(hb_grpc.HeartbeatServiceServicer):
             if took_ms is not None:
                 metrics.TASKS_TAKEN_UP.observe(took_ms / 1000)
         return directives
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, rpc: str, refusal: Refused, count: int = 1) -> None:
+        """Count `count` refused heartbeats and end the call with the refusal and its pushback (abort
+        raises: nothing after this runs)."""
+        metrics.REFUSED.labels(rpc, refusal.reason).inc(count)
+        if refusal.retry_ms:
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(refusal.retry_ms)),))
+        await context.abort(refusal.code, str(refusal))
 
     async def Beat(  # type: ignore[override]
         self, request: hb.Heartbeat, context: grpc.aio.ServicerContext, identity: Identity
@@ -178,26 +186,25 @@ class HeartbeatService(hb_grpc.HeartbeatServiceServicer):
             beat = await requests.read()
             if beat is None:
                 return
-            if not self._writer.available:
+            try:
                 # Refused before it takes an admission slot: during a Redis outage every agent retries
                 # every few hundred ms, and slots spent on streams that cannot store anything pushed the
                 # slots promised to the crowd seconds past the outage (found by the chaos soak: a 5 s
                 # Valkey restart left 587 agents waiting long enough to be stalled).
-                metrics.REFUSED.labels("stream", "redis_unavailable").inc()
-                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(RETRY_PUSHBACK_MS)),))
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "redis is unreachable")
+                self._writer.check(1)
+            except (Overloaded, Unavailable) as exc:
+                await self._refuse(context, "stream", _refusal(exc))
             # Admitted or refused once its first heartbeat is read: the client then waits in its read of
             # the reply and gets the refusal whole. A refusal as the stream opens races the client's first
             # write, and the asyncio client reports that race as INTERNAL, without the pushback.
             retry_ms = self._admission.admit(time.monotonic())
             if retry_ms:
-                metrics.REFUSED.labels("stream", "busy").inc()
-                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(retry_ms)),))
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                busy = (
                     f"ingest busy: more new streams than the {self._admission.rate:g}/s it takes on; "
-                    f"retry in {retry_ms} ms",
+                    f"retry in {retry_ms} ms"
                 )
+                refusal = Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", busy, retry_ms)
+                await self._refuse(context, "stream", refusal)
             while beat is not None:
                 received = now_ms()
                 directives = await self._handle("stream", (beat,), identity, context, received)

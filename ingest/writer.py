@@ -154,7 +154,8 @@ class StreamWriter:
             wakeup.set()
         await asyncio.gather(*self._tasks)
 
-    def _check(self, count: int) -> None:
+    def check(self, count: int) -> None:
+        """Raise what storing `count` more heartbeats now would raise (Unavailable, Overloaded)."""
         if self._closing:
             raise Unavailable("ingest is shutting down")
         if not self.available:
@@ -175,7 +176,7 @@ class StreamWriter:
     ) -> TaskNews:
         """Store one heartbeat (the fields as `Batch.add` takes them); returns the fences and offers of the
         agents of its round trip, its own among them if it has any."""
-        self._check(1)
+        self.check(1)
         shard = partition_of(agent, self._names.shards)
         queue = self._queues[shard]
         if queue and type(queue[-1][1]) is list:
@@ -202,7 +203,7 @@ class StreamWriter:
 
     async def write(self, batch: Batch) -> TaskNews:
         """Store `batch`; returns, for its agents that have any, their fences and the tasks offered to them."""
-        self._check(batch.count)
+        self.check(batch.count)
         future: asyncio.Future[TaskNews] = asyncio.get_running_loop().create_future()
         write = _Write(future, len(batch.shards), batch.count)
         self._pending += batch.count

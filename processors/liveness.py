@@ -23,7 +23,7 @@ An episode is identified by the agent's last beat before it stalled: exactly one
 event per episode, and replaying heartbeats already reflected in the state (after a restart) changes
 nothing.
 
-A heartbeat stored twice counts once (`repeated()`): the client sends an unanswered beat again, whole,
+A heartbeat stored twice counts once (`Agent.repeated()`): the client sends an unanswered beat again, whole,
 to the next ingest, and the first ingest may have stored it too; the copy has the same (seq, agent
 timestamp) as one of the agent's last two heartbeats. One limit: a copy in a later window than its
 original, replayed after a restart that lost that pair, counts in both windows.
@@ -145,6 +145,13 @@ class Agent:
         # restore must all count again in the windows they rebuild.
         self.seq = self.sent = self.seq0 = self.sent0 = 0
 
+    def repeated(self, seq: int, sent: int) -> bool:
+        """This heartbeat was one of the last two folded in (the same seq and agent timestamp; seq 0: not
+        numbered): the client sent it again to another ingest when the first did not answer, and both
+        stored it. Exact pairs, not "not newer": a restarted agent numbers from 1 again, possibly on a
+        clock still behind (a host that booted before its clock was synchronised)."""
+        return seq > 0 and ((seq == self.seq and sent == self.sent) or (seq == self.seq0 and sent == self.sent0))
+
     def add_interval(self, interval: float) -> None:
         if self.hist_n == HISTORY:
             old = self.hist[self.hist_i]
@@ -247,23 +254,11 @@ class Liveness:
 
     # --- inputs -------------------------------------------------------------------------------
 
-    def repeated(self, agent_id: str, seq: int, sent: int) -> bool:
-        """This heartbeat was one of the last two folded in (the same seq and agent timestamp; seq 0: not
-        numbered): the client sent it again to another ingest when the first did not answer, and both
-        stored it. Exact pairs, not "not newer": a restarted agent numbers from 1 again, possibly on a
-        clock still behind (a host that booted before its clock was synchronised)."""
-        agent = self.agents.get(agent_id)
-        return (
-            agent is not None
-            and seq > 0
-            and ((seq == agent.seq and sent == agent.sent) or (seq == agent.seq0 and sent == agent.sent0))
-        )
-
     def beat(
         self, agent_id: str, task_id: str, status: int, cpu: float, received: int, seq: int = 0, sent: int = 0
     ) -> hb.AgentEvent | None:
         """Update the agent; returns a recovery or overdue-stall event when one is due. `seq` and `sent`:
-        the heartbeat's own, for `repeated()`."""
+        the heartbeat's own, for `Agent.repeated()`."""
         agent = self.agents.get(agent_id)
         if agent is None:
             agent = self.agents[agent_id] = Agent(agent_id)

@@ -93,8 +93,10 @@ def judge(liveness: Liveness, cols: hb.HeartbeatColumns, closed: list[ClosedWind
     fold's order. `hbreg tune` judges every extra parameter set this way, so the windows are counted once
     for all of them; a test keeps it equal to `fold`."""
     events = []
+    agents = liveness.agents
     for agent_id, task_id, status, cpu, received, seq, sent in beats_of(cols):
-        if liveness.repeated(agent_id, seq, sent):
+        known = agents.get(agent_id)
+        if known is not None and known.repeated(seq, sent):
             continue
         event = liveness.beat(agent_id, task_id, status, cpu, received, seq, sent)
         if event is not None:
@@ -210,10 +212,10 @@ class PartitionState:
         open_windows = self.open
         touched = self.touched
         for agent_id, task_id, status, cpu, received, seq, sent in beats_of(cols):
-            if liveness.repeated(agent_id, seq, sent):
+            known = agents.get(agent_id)
+            if known is not None and known.repeated(seq, sent):
                 self.repeats += 1
                 continue
-            known = agents.get(agent_id)
             previous = known.last_seen if known is not None else 0
             event = liveness.beat(agent_id, task_id, status, cpu, received, seq, sent)
             if event is not None:

@@ -40,6 +40,20 @@ async def ingest(auth_settings: Settings):
     await node.stop(grace=0.5)
 
 
+@pytest.fixture
+async def two_ingests(auth_settings: Settings):
+    """Two ingest replicas on their own ports, as an agent's list of endpoints names them."""
+    from heartbeat_registry.hbreg import services
+
+    first = Ingest(auth_settings)
+    second = Ingest(dataclasses.replace(auth_settings, grpc_addr=f"127.0.0.1:{services.free_port()}"))
+    await first.start()
+    await second.start()
+    yield first, second
+    await second.stop(grace=0.1)
+    await first.stop(grace=0.1)
+
+
 async def latest(settings: Settings, agent: str) -> RegistryEntry | None:
     client = aioredis.Redis.from_url(settings.redis_url)
     try:
@@ -94,82 +108,61 @@ async def test_resumes_after_ingest_restart(auth_settings: Settings) -> None:
         await node.stop(grace=0.2)
 
 
-async def test_fails_over_between_endpoints(auth_settings: Settings) -> None:
-    from heartbeat_registry.hbreg import services
-
-    first = Ingest(auth_settings)
-    second_settings = dataclasses.replace(auth_settings, grpc_addr=f"127.0.0.1:{services.free_port()}")
-    second = Ingest(second_settings)
-    await first.start()
-    await second.start()
+async def test_fails_over_between_endpoints(two_ingests: tuple[Ingest, Ingest]) -> None:
+    first, second = two_ingests
     client = AsyncHeartbeatClient(
         "agent-f",
-        [auth_settings.grpc_addr, second_settings.grpc_addr],
+        [first.settings.grpc_addr, second.settings.grpc_addr],
         token=token("agent-f"),
         interval=0.1,
         backoff_initial=0.05,
     )
     await client.start()
     try:
-        await eventually(lambda: client.connected and client.endpoint == auth_settings.grpc_addr, 5)
+        await eventually(lambda: client.connected and client.endpoint == first.settings.grpc_addr, 5)
         await first.stop(grace=0.1)
-        await eventually(lambda: client.connected and client.endpoint == second_settings.grpc_addr, 5)
+        await eventually(lambda: client.connected and client.endpoint == second.settings.grpc_addr, 5)
     finally:
         await client.stop()
-        await second.stop(grace=0.1)
 
 
-async def test_goes_straight_to_the_other_endpoint_when_one_refuses(auth_settings: Settings) -> None:
+async def test_goes_straight_to_the_other_endpoint_when_one_refuses(two_ingests: tuple[Ingest, Ingest]) -> None:
     """An ingest that lost Redis refuses (UNAVAILABLE): the client takes the next endpoint at once instead of
     trying the refusing one again first (found by the chaos soak: every agent on an ingest whose Redis
     link was cut lost one more beat to the retry)."""
-    from heartbeat_registry.hbreg import services
-
-    first = Ingest(auth_settings)
-    second_settings = dataclasses.replace(auth_settings, grpc_addr=f"127.0.0.1:{services.free_port()}")
-    second = Ingest(second_settings)
-    await first.start()
-    await second.start()
+    first, second = two_ingests
     refused = ("hbreg_ingest_heartbeats_refused_total", {"rpc": "stream", "reason": "redis_unavailable"})
     client = AsyncHeartbeatClient(
         "agent-g",
-        [auth_settings.grpc_addr, second_settings.grpc_addr],
+        [first.settings.grpc_addr, second.settings.grpc_addr],
         token=token("agent-g"),
         interval=0.1,
         backoff_initial=0.2,
     )
     await client.start()
     try:
-        await eventually(lambda: client.connected and client.endpoint == auth_settings.grpc_addr, 5)
+        await eventually(lambda: client.connected and client.endpoint == first.settings.grpc_addr, 5)
         before = REGISTRY.get_sample_value(*refused) or 0.0
         first.watch.writer = types.SimpleNamespace()  # the watch would find Redis reachable again
         first.writer.available = False  # as after a failed write: refuse at once
-        await eventually(lambda: client.connected and client.endpoint == second_settings.grpc_addr, 5)
+        await eventually(lambda: client.connected and client.endpoint == second.settings.grpc_addr, 5)
         await asyncio.sleep(1.0)  # it stays there
-        assert client.endpoint == second_settings.grpc_addr
+        assert client.endpoint == second.settings.grpc_addr
         assert (REGISTRY.get_sample_value(*refused) or 0.0) - before == 1, "tried the refusing ingest again"
     finally:
         await client.stop()
-        await second.stop(grace=0.1)
-        await first.stop(grace=0.1)
 
 
-async def test_a_beat_left_unanswered_is_sent_again_to_the_other_endpoint(auth_settings: Settings) -> None:
+async def test_a_beat_left_unanswered_is_sent_again_to_the_other_endpoint(two_ingests: tuple[Ingest, Ingest]) -> None:
     """An ingest whose Redis link hangs never answers: after `rpc_timeout` the client sends the same beat
     (same seq) to the other ingest, so that beat is acknowledged within a second of being built instead
     of lost (found by the chaos soak: every ingest–Redis partition cost each of its agents a beat)."""
-    from heartbeat_registry.hbreg import services
-
-    first = Ingest(auth_settings)
-    second_settings = dataclasses.replace(auth_settings, grpc_addr=f"127.0.0.1:{services.free_port()}")
-    second = Ingest(second_settings)
-    await first.start()
-    await second.start()
+    first, second = two_ingests
     sent: dict[int, float] = {}
     answered: dict[int, float] = {}
     client = AsyncHeartbeatClient(
         "agent-h",
-        [auth_settings.grpc_addr, second_settings.grpc_addr],
+        [first.settings.grpc_addr, second.settings.grpc_addr],
         token=token("agent-h"),
         interval=0.5,
         rpc_timeout=0.3,
@@ -178,7 +171,7 @@ async def test_a_beat_left_unanswered_is_sent_again_to_the_other_endpoint(auth_s
     )
     await client.start()
     try:
-        await eventually(lambda: client.connected and client.endpoint == auth_settings.grpc_addr, 5)
+        await eventually(lambda: client.connected and client.endpoint == first.settings.grpc_addr, 5)
         await eventually(lambda: len(answered) >= 3, 5)
 
         async def hang(*beat: object) -> None:
@@ -186,15 +179,13 @@ async def test_a_beat_left_unanswered_is_sent_again_to_the_other_endpoint(auth_s
 
         first.writer.write_one = hang  # type: ignore[method-assign]
         hung_from = max(sent)
-        await eventually(lambda: client.endpoint == second_settings.grpc_addr and len(answered) >= hung_from + 3, 5)
+        await eventually(lambda: client.endpoint == second.settings.grpc_addr and len(answered) >= hung_from + 3, 5)
         unanswered = sorted(set(range(1, max(answered))) - set(answered))
         assert unanswered == [], f"beats never acknowledged: {unanswered}"
         slowest = max(answered[seq] - sent[seq] for seq in range(hung_from, max(answered)))
         assert slowest < 1.0, f"a beat took {slowest:.2f} s to be acknowledged"
     finally:
         await client.stop()
-        await second.stop(grace=0.1)
-        await first.stop(grace=0.1)
 
 
 async def fence(settings: Settings, agent: str, task: str, epoch: int) -> None:
