@@ -42,7 +42,7 @@ from heartbeat_registry.core.producers import start_producer
 from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.core.tasks import ORPHANED, Outcome, TaskStore
 from heartbeat_registry.core.topics import Replication, ensure_topics, pipeline_topics, reassignment_topics
-from heartbeat_registry.core.views import RegistryEntry
+from heartbeat_registry.core.views import AgentView
 from heartbeat_registry.pb import hb
 from sinks import reassign_policy
 
@@ -268,15 +268,15 @@ class ReassignSink:
 
     async def _not_recovered(self, stalls: list[tuple[hb.AgentEvent, str]]) -> list[tuple[hb.AgentEvent, str]]:
         """The stalls to carry out: each waits its turn under the rate limit, and those whose agent is back
-        on the task by then are skipped (its latest heartbeat is read after the wait)."""
+        on the task by then are skipped (the worker's view of it is read after the wait)."""
         for _ in stalls:
             if not self.limiter.has_capacity():
                 RATE_LIMITED.inc()
             await self.limiter.acquire()
-        latest = await self._latest([e for e, _ in stalls])
+        views = await self._views([e for e, _ in stalls])
         out = []
         for event, at in stalls:
-            if reassign_policy.recovered(event, latest.get(event.agent_id), self.hung_cpu):
+            if reassign_policy.recovered(event, views.get(event.agent_id), self.hung_cpu):
                 await self._skip(event, reassign_policy.RECOVERED)
             else:
                 out.append((event, at))
@@ -288,14 +288,16 @@ class ReassignSink:
         if event.task_id:
             await self.store.note(event.task_id, event.agent_id, f"{cause}: {event.reason} stall", event.last_seen_ms)
 
-    async def _latest(self, stalls: list[hb.AgentEvent]) -> dict[str, RegistryEntry]:
+    async def _views(self, stalls: list[hb.AgentEvent]) -> dict[str, AgentView]:
+        """The workers' published views of the stalled agents (processors/publish.py)."""
         if not stalls:
             return {}
+        partitions = self.settings.topic_partitions
         pipe = self.redis.pipeline(transaction=False)
         for event in stalls:
-            pipe.hget(self.names.latest(partition_of(event.agent_id, self.names.shards)), event.agent_id)
+            pipe.hget(self.names.query_agents(partition_of(event.agent_id, partitions)), event.agent_id)
         return {
-            e.agent_id: RegistryEntry.decode(e.agent_id, raw)
+            e.agent_id: AgentView.decode(raw)
             for e, raw in zip(stalls, await pipe.execute(), strict=True)
             if raw is not None
         }

@@ -10,7 +10,11 @@ import signal
 
 import pytest
 
+from heartbeat_registry.core import redis_client
+from heartbeat_registry.core.names import Names, partition_of
 from heartbeat_registry.core.settings import Settings
+from heartbeat_registry.core.tasks import TaskStore
+from heartbeat_registry.core.views import ALIVE, RECOVERED, STALLED, AgentView
 from heartbeat_registry.hbreg import services
 from heartbeat_registry.pb import hb
 from tests import procs
@@ -103,6 +107,33 @@ async def test_policy_and_rate_limit(pipeline_settings: Settings, tmp_path) -> N
     assert sorted(r.task_id for r in found) == sorted(f"job-p{i:02d}" for i in range(40))
     assert took >= (40 - 5) / 20 * 0.8, f"40 reassignments at 20/s (burst 5) took only {took:.2f} s"
     assert {r.reason for r in found} == {"silent"} and all(r.from_agent_id != "h1" for r in found)
+
+
+async def test_only_an_agent_the_worker_counts_back_keeps_its_task(pipeline_settings: Settings, tmp_path) -> None:
+    """The sink reads the worker's view of each stalled agent: one back `alive` on its task keeps it; one
+    with a newer beat the worker folded into the same stall (a killed agent's last beat stored late, or
+    one beat before dying again) loses it, since no second stall event would ever come (the chaos soak
+    lost a task this way when a single newer beat in the registry counted as recovery)."""
+    await topics(pipeline_settings)
+    names = Names.of(pipeline_settings)
+    client = redis_client.connect(pipeline_settings)
+    try:
+        states = {"back": ALIVE, "late": STALLED, "again": RECOVERED}
+        for agent, state in states.items():
+            view = AgentView(f"job-{agent}", hb.RUNNING, 0.5, 1500, state, "", 1500, 1000.0, 50.0)
+            key = names.query_agents(partition_of(agent, pipeline_settings.topic_partitions))
+            await client.hset(key, agent, view.encode())
+        sink = await start_sink(pipeline_settings, tmp_path / "reassign.log")
+        try:
+            await send_events(pipeline_settings, [stall(agent, f"job-{agent}", last_seen=1000) for agent in states])
+            found = await reassignments(pipeline_settings, until=2, timeout=20, settle=2.0)
+        finally:
+            procs.stop(sink)
+        history = await TaskStore(client, names).history("job-back")
+    finally:
+        await client.aclose()
+    assert sorted(r.task_id for r in found) == ["job-again", "job-late"], found
+    assert any("recovered: silent stall" in str(h.get("why")) for h in history), history
 
 
 def test_the_contract_message_has_its_fields() -> None:
