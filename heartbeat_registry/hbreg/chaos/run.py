@@ -11,6 +11,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import gc
 import logging
 import pathlib
 import signal
@@ -147,6 +148,20 @@ def _kafka_beats(values: list[hb.HeartbeatColumns]) -> set[tuple[str, int]]:
     return {pair for cols in values for pair in zip(cols.agent_id, cols.seq, strict=True)}
 
 
+async def _valkey_latency(settings: Settings) -> dict[str, dict[str, int]]:
+    """Valkey's own latency monitor (`LATENCY LATEST`, since its last restart): the slowest fsync, fork,
+    command... over the threshold system.py sets, to tell a stall of Redis from one of the ingest."""
+    client: Any = redis_client.connect(settings)
+    try:
+        rows = await client.execute_command("LATENCY", "LATEST")
+    finally:
+        await client.aclose()
+    return {
+        (row[0].decode() if isinstance(row[0], bytes) else row[0]): {"last_ms": int(row[2]), "max_ms": int(row[3])}
+        for row in rows
+    }
+
+
 async def _http(session: aiohttp.ClientSession, url: str) -> Any:
     for attempt in range(5):
         try:
@@ -209,6 +224,7 @@ class History:
     running_beats: dict[str, list[tuple[int, str]]]
     kafka: set[tuple[str, int]]
     reassignments: list[hb.Reassignment]
+    valkey_latency: dict[str, dict[str, int]]
 
 
 async def soak(duration_s: float, agents: int, seed: int, workdir: pathlib.Path, say: Callable[[str], None]) -> History:
@@ -242,6 +258,7 @@ async def soak(duration_s: float, agents: int, seed: int, workdir: pathlib.Path,
             events = await _read_events(settings)
             alerts = await _active_alerts(settings)
             running, tasks = await _tasks(settings, list(fleet.tasks.values()))
+            valkey_latency = await _valkey_latency(settings)
         finally:
             agent_job.cancel()
             await fleet.stop()
@@ -273,6 +290,7 @@ async def soak(duration_s: float, agents: int, seed: int, workdir: pathlib.Path,
         running_beats,
         kafka,
         reassignments,
+        valkey_latency,
     )
 
 
@@ -307,7 +325,9 @@ def judge(history: History, duration_s: float, seed: int) -> dict[str, Any]:
         "agents": len(fleet.ids),
         "interval_s": INTERVAL_S,
         "stall_timeout_s": STALL_TIMEOUT_S,
-        **verdict.availability(agents, INTERVAL_S, JITTER, lambda at: blame(int(at * 1000 + offset_ms))),
+        **verdict.availability(
+            agents, INTERVAL_S, JITTER, lambda at: blame(int(at * 1000 + offset_ms)), fleet.recorder.wall_offset
+        ),
         "acked": len(acked),
         "acked_lost": lost_redis + lost_kafka + lost_windows,
         "acked_lost_by_stage": {"redis": lost_redis, "kafka": lost_kafka, "windows": lost_windows},
@@ -322,6 +342,8 @@ def judge(history: History, duration_s: float, seed: int) -> dict[str, Any]:
         "reassignments_by_reason": verdict.reasons(history.reassignments),
         "lost_tasks": len(lost_tasks),
         "lost_task_ids": lost_tasks[:20],
+        # what the registry says happened to them (owners, epochs, offers), to find the cause
+        "lost_task_records": {t: history.tasks.get(t) for t in lost_tasks[:5]},
         "unfenced_overlaps": len(overlaps),
         **verdict.alerts(history.events, history.alerts),
         "faults": [f.summary() for f in history.plan],
@@ -329,6 +351,7 @@ def judge(history: History, duration_s: float, seed: int) -> dict[str, Any]:
         if any(r is None for r in recoveries)
         else round(max((r for r in recoveries if r is not None), default=0.0), 2),
         "crashes": history.crashes,
+        "valkey_latency": history.valkey_latency,
     }
     out["goals"] = GOALS
     out["failed_goals"] = failed_goals(out)
@@ -372,8 +395,28 @@ def run(duration_s: float, agents: int, seed: int, keep: str | None = None) -> d
             workdir.mkdir(parents=True, exist_ok=True)
         else:
             workdir = stack.enter_context(bench_workdir())
-        history = asyncio.run(soak(duration_s, agents, seed, workdir, say))
-        return judge(history, duration_s, seed)
+        pauses: list[float] = []  # full collections of this process: the fleet's event loop stops meanwhile
+        began = [0.0]
+
+        def on_gc(phase: str, info: dict[str, int]) -> None:
+            if info["generation"] == 2:
+                if phase == "start":
+                    began[0] = time.perf_counter()
+                else:
+                    pauses.append(time.perf_counter() - began[0])
+
+        gc.callbacks.append(on_gc)
+        try:
+            history = asyncio.run(soak(duration_s, agents, seed, workdir, say))
+        finally:
+            gc.callbacks.remove(on_gc)
+        result = judge(history, duration_s, seed)
+        result["fleet_full_gc"] = {
+            "count": len(pauses),
+            "total_s": round(sum(pauses), 2),
+            "max_ms": round(max(pauses, default=0.0) * 1000, 1),
+        }
+        return result
 
 
 def text(result: dict[str, Any]) -> str:

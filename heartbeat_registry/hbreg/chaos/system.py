@@ -8,6 +8,10 @@
   through its own proxy (a listener of the broker that advertises the proxy's address).
 - A process that exits is started again a second later, as a supervisor would; an exit the soak did not
   cause is recorded as a crash (a finding of the soak).
+- CPU is shared as a deployment shares it: there every process gets CPU in proportion to its request
+  (infra/k8s), and Kafka runs on nodes of its own. On one machine the same shares come from niceness
+  (`NICE`), so a stage that can catch up (a restarting broker, a sink starting Python) does not take
+  the CPU of the path every agent waits on (the fleet, the ingest, Toxiproxy and Valkey).
 """
 
 from __future__ import annotations
@@ -43,6 +47,11 @@ HEALTH = {
     "alerter": "alerts_metrics_addr",
     "assigner": "assigner_metrics_addr",
 }
+# niceness by process: the Linux scheduler's weight falls ~1.25x per step, so 3 steps halve a share and
+# 10 give a tenth; 0 for a 1-CPU request (ingest, worker) and for the embedded services on the
+# acknowledgement path (Valkey, Toxiproxy), 3 for 500m (bridge), 6 for 250m (query), 10 for 100m or less
+# (the sinks, the assigner, Alertmanager) and for Kafka, which a deployment runs on nodes of its own
+NICE = {"bridge": 3, "query": 6, "reassign": 10, "alerter": 10, "assigner": 10, "alertmanager": 10, "kafka": 10}
 START_TIMEOUT_S = 90.0
 RESTART_DELAY_S = 1.0
 
@@ -101,6 +110,7 @@ class System:
             )
         )
         valkey = services.valkey_command(self.valkey_port, self.workdir / "valkey", durable=True)
+        valkey += ["--latency-monitor-threshold", "100"]  # the verdict reports Valkey's slow fsyncs and forks
         await self._launch(Proc("valkey", valkey, {}, None, f"127.0.0.1:{self.valkey_port}"))
         # one listener of the broker per bridge replica, advertising that bridge's proxy
         kafka_links = [(services.free_port(), services.free_port()) for _ in range(REPLICAS["bridge"])]
@@ -151,6 +161,8 @@ class System:
         # between fork and exec in a threaded process can crash the child (it did: SIGSEGV on restarts).
         # util-linux's setpriv sets the same parent-death signal from the exec'd side instead.
         argv = ["setpriv", "--pdeathsig", "TERM", "--", *proc.argv] if shutil.which("setpriv") else proc.argv
+        if proc.kind in NICE:  # coreutils' nice: every thread the process starts inherits it
+            argv = ["nice", "-n", str(NICE[proc.kind]), *argv]
         with open(self.logs / f"{proc.name}.log", "ab") as out:
             proc.proc = await asyncio.create_subprocess_exec(
                 *argv,

@@ -26,12 +26,21 @@ FAST_S = 1.0
 
 
 def availability(
-    agents: dict[str, Any], interval: float, jitter: float, blame: Callable[[float], str] = lambda _: "none"
+    agents: dict[str, Any],
+    interval: float,
+    jitter: float,
+    blame: Callable[[float], str] = lambda _: "none",
+    wall_offset: float = 0.0,
 ) -> dict[str, Any]:
     """`blame`: the fault a missed heartbeat (by its monotonic send time) falls under, for
-    `missed_by_fault`."""
+    `missed_by_fault`. `wall_offset`: wall = monotonic + this, to place the ingest's receive stamp of a
+    late reply between the send and the reply (`late_replies`)."""
     fast = due = sent = 0
     missed: collections.Counter[str] = collections.Counter()
+    quiet_misses: collections.Counter[int] = collections.Counter()  # outside every fault, by 10 s of the run
+    first = min((r.sent[0] for r in agents.values() if len(r.sent)), default=0.0)
+    to_ingest: list[float] = []  # late replies: send -> the ingest's receive stamp (client, network, failover)
+    after: list[float] = []  # late replies: the stamp -> the reply in the client (Redis write, reply, client)
     longest = interval * (1 + jitter) + FAST_S  # a beat that waited for a reply of up to FAST_S
     for record in agents.values():
         previous: float | None = None
@@ -45,7 +54,14 @@ def availability(
             if not math.isnan(rtt) and rtt <= FAST_S:
                 fast += 1
             else:
-                missed[blame(at)] += 1
+                cause = blame(at)
+                missed[cause] += 1
+                if cause == "none":
+                    quiet_misses[int((at - first) // 10 * 10)] += 1
+                if not math.isnan(rtt):
+                    before = record.received[index] / 1000 - (at + wall_offset)
+                    to_ingest.append(before)
+                    after.append(rtt - before)
             if previous is not None and at - previous > longest:
                 unsent = max(0, round((at - previous) / interval) - 1)  # beats it could not send meanwhile
                 due += unsent
@@ -57,7 +73,21 @@ def availability(
         "heartbeats_due": due,
         "acknowledged_within_1s": fast,
         "missed_by_fault": dict(missed.most_common()),
+        "missed_outside_faults_by_10s": {f"{t}s": n for t, n in sorted(quiet_misses.most_common(10))},
+        # where the time of the replies later than FAST_S went (the others got none)
+        "late_replies": {
+            "count": len(to_ingest),
+            "to_ingest_s_p50_p99": _p50_p99(to_ingest),
+            "after_ingest_s_p50_p99": _p50_p99(after),
+        },
     }
+
+
+def _p50_p99(values: list[float]) -> list[float]:
+    if not values:
+        return []
+    values = sorted(values)
+    return [round(values[len(values) // 2], 3), round(values[min(len(values) - 1, int(len(values) * 0.99))], 3)]
 
 
 def acknowledged(agents: dict[str, Any]) -> set[tuple[str, int]]:
@@ -117,6 +147,7 @@ def detection(
         ],
         "missed_stalls": sum(1 for a in expected if not stalls.get(a)),
         "duplicate_events": sum(n - 1 for n in ids.values() if n > 1),
+        "duplicate_event_ids": sorted(i for i, n in ids.items() if n > 1)[:10],
         "pipeline_lag_events": sum(1 for e in events if e.type == hb.PIPELINE_LAG),
     }
 
