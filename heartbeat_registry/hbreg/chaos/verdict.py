@@ -1,8 +1,9 @@
 """The checks after a soak: the whole recorded history against what the system promises.
 
 - availability: the share of heartbeats due that were acknowledged within 1 s. Due: every heartbeat an
-  agent sent, plus the ones it could not send while it had no connection (a gap between two sends longer
-  than the interval allows, less one interval); an agent's own silences (killed, paused) do not count.
+  agent sent during the run (not while the soak collects its history afterwards), plus the ones it
+  could not send while it had no connection (a gap between two sends longer than the interval allows,
+  less one interval); an agent's own silences (killed, paused) do not count.
 - durability: acknowledged heartbeats (agent, seq) missing from the Redis streams, from Kafka `heartbeats`
   and from the window counts (a closed window counting fewer beats of an agent than were acknowledged in
   it, each in the window of its first stored copy).
@@ -31,10 +32,12 @@ def availability(
     jitter: float,
     blame: Callable[[float], str] = lambda _: "none",
     wall_offset: float = 0.0,
+    until: float = math.inf,
 ) -> dict[str, Any]:
     """`blame`: the fault a missed heartbeat (by its monotonic send time) falls under, for
     `missed_by_fault`. `wall_offset`: wall = monotonic + this, to place the ingest's receive stamp of a
-    late reply between the send and the reply (`late_replies`)."""
+    late reply between the send and the reply (`late_replies`). `until`: the end of the run (monotonic);
+    the beats sent after it, while the soak collects its history, are not counted."""
     fast = due = sent = 0
     missed: collections.Counter[str] = collections.Counter()
     quiet_misses: collections.Counter[int] = collections.Counter()  # outside every fault, by 10 s of the run
@@ -45,6 +48,8 @@ def availability(
     for record in agents.values():
         previous: float | None = None
         for index, at in enumerate(record.sent):
+            if at >= until:
+                break
             if any(start <= at < end for start, end in record.silent):
                 previous = None
                 continue
