@@ -5,6 +5,7 @@ not use the session's."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -42,6 +43,24 @@ def test_detection_verdict_counts_false_missed_and_duplicate() -> None:
     found = verdict.detection(events, {"dead", "fine", "hung", "gone"}, killed={"dead", "gone"}, hung={"hung"})
     # fine: a false stall; dead's second episode: false; gone: missed; dead:1 twice: a duplicate
     assert (found["false_stalls"], found["missed_stalls"], found["duplicate_events"]) == (2, 1, 1)
+
+
+def test_availability_counts_the_run_only_and_splits_late_replies() -> None:
+    from heartbeat_registry.hbreg.chaos.fleet import Record
+
+    record = Record()
+    # sent at 0..4 s (monotonic); replies: fast, fast, late (1.5 s: stamped 1.2 s after the send), none,
+    # and one after the run (sent at 4 s, the run ends at 3.5 s): not counted whatever its fate
+    for at, rtt, stamped in ((0.0, 0.1, 0.05), (1.0, 0.2, 0.1), (2.0, 1.5, 1.2), (3.0, math.nan, 0.0), (4.0, 9, 1)):
+        record.sent.append(at)
+        record.rtt.append(rtt)
+        record.received.append(int((100.0 + at + stamped) * 1000) if stamped else 0)
+    found = verdict.availability({"a": record}, 1.0, 0.2, wall_offset=100.0, until=3.5)
+    assert (found["heartbeats_due"], found["acknowledged_within_1s"]) == (4, 2)
+    assert found["missed_by_fault"] == {"none": 2} and found["missed_outside_faults_by_10s"] == {"0s": 2}
+    late = found["late_replies"]
+    assert late["count"] == 1 and late["to_ingest_s_p50_p99"] == [1.2, 1.2]
+    assert late["after_ingest_s_p50_p99"] == [0.3, 0.3]
 
 
 @pytest.mark.kafka
