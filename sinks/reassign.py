@@ -38,7 +38,7 @@ from heartbeat_registry.core import health, redis_client
 from heartbeat_registry.core.events import sink_event
 from heartbeat_registry.core.lifecycle import stop_signal
 from heartbeat_registry.core.names import Names, partition_of
-from heartbeat_registry.core.producers import start_producer
+from heartbeat_registry.core.producers import pace_metadata_updates, start_producer
 from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.core.tasks import ORPHANED, Outcome, TaskStore
 from heartbeat_registry.core.topics import Replication, ensure_topics, pipeline_topics, reassignment_topics
@@ -105,7 +105,7 @@ class Producers(ConsumerRebalanceListener):
         }
         if self.transactional:
             common["transactional_id"] = f"{self.names.reassign_group}-{partition}"
-        return AIOKafkaProducer(**common)
+        return pace_metadata_updates(AIOKafkaProducer(**common))
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         async with self.lock:
