@@ -29,8 +29,9 @@ def pace_metadata_updates(producer: AIOKafkaProducer, backoff_ms: int = 100) -> 
     no leader, which is the whole time a broker is down or restarting: about 1,000 connection attempts
     a second per producer (the chaos soak: 26,000 per bridge in 30 minutes, and the bridges' CPU up by
     half during each Kafka restart, taken from the ingest on a shared machine). Kafka's own clients
-    back off there; aiokafka's fetcher has the same gap (aio-libs/aiokafka#1155). Its synchronizer task
-    is the one caller of `_metadata_update`, so pausing there paces every waiter at once."""
+    back off there; aiokafka's fetcher has the same gap (aio-libs/aiokafka#1155). In a producer the
+    client's synchronizer task is the one caller of `_metadata_update`, so pausing there paces every
+    waiter at once."""
     client = producer.client
     update = client._metadata_update
 

@@ -234,6 +234,11 @@ async def soak(duration_s: float, agents: int, seed: int, workdir: pathlib.Path,
     plan = schedule.plan(seed, duration_s, REPLICAS)
     system = System(settings, workdir)
     say(f"hbreg chaos: seed {seed}, {len(plan)} faults over {duration_s:.0f} s, {agents} agents; starting")
+    # SIGTERM cancels the soak where it waits, so the finally blocks stop the fleet and every process (a
+    # Python-level handler's SystemExit can land in a gRPC callback of the fleet and be lost: it was)
+    main = asyncio.current_task()
+    assert main is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
     try:
         await system.start()
         settings = system.settings
@@ -420,6 +425,9 @@ def run(duration_s: float, agents: int, seed: int, keep: str | None = None) -> d
         gc.set_threshold(*GC_THRESHOLDS)
         try:
             history = asyncio.run(soak(duration_s, agents, seed, workdir, say))
+        except asyncio.CancelledError:
+            say("hbreg chaos: stopped by SIGTERM; every process it started is stopped")
+            sys.exit(143)
         finally:
             gc.callbacks.remove(on_gc)
         result = judge(history, duration_s, seed)
