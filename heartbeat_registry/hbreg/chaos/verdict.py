@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from heartbeat_registry.hbreg.bench.common import percentile
 from heartbeat_registry.pb import hb
 
 FAST_S = 1.0
@@ -89,10 +90,8 @@ def availability(
 
 
 def _p50_p99(values: list[float]) -> list[float]:
-    if not values:
-        return []
     values = sorted(values)
-    return [round(values[len(values) // 2], 3), round(values[min(len(values) - 1, int(len(values) * 0.99))], 3)]
+    return [round(percentile(values, q), 3) for q in (0.5, 0.99)] if values else []
 
 
 def acknowledged(agents: dict[str, Any]) -> set[tuple[str, int]]:
