@@ -5,11 +5,13 @@ client library waits the pushback (plus its jitter) and gets through."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import heapq
 import random
 import time
 import types
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -42,109 +44,101 @@ def test_client_honours_a_pushback_with_jitter_and_never_returns_early() -> None
     assert all(0.1 <= retry_delay(0.0, 0.2, rng) <= 0.3 for _ in range(100))  # no pushback: backoff
 
 
-async def _open(stub: hb_grpc.HeartbeatServiceStub, agent: str) -> tuple[grpc.aio.StreamStreamCall, object]:
-    """A new stream and the answer to its first heartbeat: the reply, or the AioRpcError."""
-    call = stub.BeatStream()
-    await call.write(beat(agent))
-    try:
-        return call, await call.read()
-    except grpc.aio.AioRpcError as exc:
-        return call, exc
+Opener = Callable[[str], Awaitable[tuple[grpc.aio.StreamStreamCall, object]]]
 
 
-async def test_streams_beyond_the_pace_are_refused_with_a_pushback(settings: Settings, redis) -> None:
-    ingest = Ingest(dataclasses.replace(settings, stream_open_rate=2.0))  # a burst of 2, then one per 0.5 s
+@contextlib.asynccontextmanager
+async def _paced_ingest(settings: Settings, rate: float) -> AsyncIterator[tuple[Ingest, Opener]]:
+    """An ingest taking on `rate` new streams a second, and `open(agent)`: a new stream to it and the
+    answer to its first heartbeat (the reply, or the AioRpcError). Every stream opened is cancelled and
+    the ingest stopped on the way out."""
+    ingest = Ingest(dataclasses.replace(settings, stream_open_rate=rate))
     await ingest.start()
-    calls = []
+    calls: list[grpc.aio.StreamStreamCall] = []
     try:
         async with grpc.aio.insecure_channel(settings.grpc_addr) as channel:
             stub = hb_grpc.HeartbeatServiceStub(channel)
-            answers = []
-            for n in range(5):
-                call, answer = await _open(stub, f"storm-{n}")
+
+            async def open_stream(agent: str) -> tuple[grpc.aio.StreamStreamCall, object]:
+                call = stub.BeatStream()
                 calls.append(call)
-                answers.append(answer)
-            replies = [a for a in answers if isinstance(a, hb.BeatReply)]
-            refusals = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
-            assert len(replies) == 2 and len(refusals) == 3  # positive control: the burst is served
-            assert {r.seq for r in replies} == {1}
-            pushbacks = []
-            for exc in refusals:
-                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert "ingest busy" in (exc.details() or "")
-                pushbacks.append(int(dict(exc.trailing_metadata() or ())["grpc-retry-pushback-ms"]))
-            # one interval (500 ms) apart: the crowd is sent back spread, not all to the same moment
-            assert pushbacks == sorted(pushbacks) and pushbacks[-1] - pushbacks[0] >= 900
-            # the admitted streams go on beating while new ones are refused
-            admitted = calls[answers.index(replies[0])]
-            await admitted.write(beat("storm-0", seq=2))
-            assert (await admitted.read()).seq == 2
-            rows = await stored(redis, Names.of(settings))
-            assert sorted(a for a, _, _ in rows) == ["storm-0", "storm-0", "storm-1"]  # refused: not stored
+                await call.write(beat(agent))
+                try:
+                    return call, await call.read()
+                except grpc.aio.AioRpcError as exc:
+                    return call, exc
+
+            yield ingest, open_stream
     finally:
         for call in calls:
             call.cancel()
         await ingest.stop(grace=0.5)
+
+
+async def test_streams_beyond_the_pace_are_refused_with_a_pushback(settings: Settings, redis) -> None:
+    async with _paced_ingest(settings, 2.0) as (_, open_stream):  # a burst of 2, then one per 0.5 s
+        calls, answers = [], []
+        for n in range(5):
+            call, answer = await open_stream(f"storm-{n}")
+            calls.append(call)
+            answers.append(answer)
+        replies = [a for a in answers if isinstance(a, hb.BeatReply)]
+        refusals = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
+        assert len(replies) == 2 and len(refusals) == 3  # positive control: the burst is served
+        assert {r.seq for r in replies} == {1}
+        pushbacks = []
+        for exc in refusals:
+            assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "ingest busy" in (exc.details() or "")
+            pushbacks.append(int(dict(exc.trailing_metadata() or ())["grpc-retry-pushback-ms"]))
+        # one interval (500 ms) apart: the crowd is sent back spread, not all to the same moment
+        assert pushbacks == sorted(pushbacks) and pushbacks[-1] - pushbacks[0] >= 900
+        # the admitted streams go on beating while new ones are refused
+        admitted = calls[answers.index(replies[0])]
+        await admitted.write(beat("storm-0", seq=2))
+        assert (await admitted.read()).seq == 2
+        rows = await stored(redis, Names.of(settings))
+        assert sorted(a for a, _, _ in rows) == ["storm-0", "storm-0", "storm-1"]  # refused: not stored
 
 
 async def test_streams_refused_while_redis_is_down_take_no_admission_slot(settings: Settings) -> None:
     """While its Redis is down, an ingest refuses new streams with UNAVAILABLE before admission: the
     crowd retrying through the outage must not use up the slots, or be promised slots far past it."""
-    ingest = Ingest(dataclasses.replace(settings, stream_open_rate=2.0))  # a burst of 2, then one per 0.5 s
-    await ingest.start()
-    calls = []
-    try:
-        async with grpc.aio.insecure_channel(settings.grpc_addr) as channel:
-            stub = hb_grpc.HeartbeatServiceStub(channel)
-            ingest.watch.writer = types.SimpleNamespace()  # the watch would find Redis reachable again
-            ingest.writer.available = False  # as after a failed write
-            for n in range(10):
-                call, answer = await _open(stub, f"outage-{n}")
-                calls.append(call)
-                assert isinstance(answer, grpc.aio.AioRpcError) and answer.code() == grpc.StatusCode.UNAVAILABLE
-                assert int(dict(answer.trailing_metadata() or ())["grpc-retry-pushback-ms"]) <= 1000
-            ingest.writer.available = True  # Redis is back: the burst is all there
-            for n in range(2):
-                call, answer = await _open(stub, f"back-{n}")
-                calls.append(call)
-                assert isinstance(answer, hb.BeatReply), answer
-            call, answer = await _open(stub, "over")  # positive control: the pace still applies
-            calls.append(call)
-            assert isinstance(answer, grpc.aio.AioRpcError) and answer.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    finally:
-        for call in calls:
-            call.cancel()
-        await ingest.stop(grace=0.5)
+    async with _paced_ingest(settings, 2.0) as (ingest, open_stream):  # a burst of 2, then one per 0.5 s
+        ingest.watch.writer = types.SimpleNamespace()  # the watch would find Redis reachable again
+        ingest.writer.available = False  # as after a failed write
+        for n in range(10):
+            _, answer = await open_stream(f"outage-{n}")
+            assert isinstance(answer, grpc.aio.AioRpcError) and answer.code() == grpc.StatusCode.UNAVAILABLE
+            assert int(dict(answer.trailing_metadata() or ())["grpc-retry-pushback-ms"]) <= 1000
+        ingest.writer.available = True  # Redis is back: the burst is all there
+        for n in range(2):
+            _, answer = await open_stream(f"back-{n}")
+            assert isinstance(answer, hb.BeatReply), answer
+        _, answer = await open_stream("over")  # positive control: the pace still applies
+        assert isinstance(answer, grpc.aio.AioRpcError) and answer.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 async def test_the_client_waits_out_the_pushback_and_gets_through(settings: Settings) -> None:
-    ingest = Ingest(dataclasses.replace(settings, stream_open_rate=0.5))  # one new stream every 2 s
-    await ingest.start()
-    try:
-        async with grpc.aio.insecure_channel(settings.grpc_addr) as channel:
-            stub = hb_grpc.HeartbeatServiceStub(channel)
-            first, answer = await _open(stub, "holder")  # takes this second's slot
-            assert isinstance(answer, hb.BeatReply)
-            second, answer = await _open(stub, "crowd")  # refused: promised the next slot, 2 s away
-            assert isinstance(answer, grpc.aio.AioRpcError) and answer.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            started = time.monotonic()
-            client = AsyncHeartbeatClient("latecomer", settings.grpc_addr, interval=0.1, sample_cpu=False)
-            await client.start()
-            try:
-                deadline = started + 15.0
-                while client.beats_acknowledged == 0 and time.monotonic() < deadline:
-                    await asyncio.sleep(0.02)
-                waited = time.monotonic() - started
-            finally:
-                await client.stop()
-            assert client.beats_acknowledged >= 1 and client.error is None
-            # refused first and promised the slot after the crowd's, 4 s away: it waited for it (its own
-            # backoff alone would have brought it back as soon as the 2 s slot was free)
-            assert waited >= 3.8, f"through after {waited:.2f} s: the pushback was not honoured"
-            first.cancel()
-            second.cancel()
-    finally:
-        await ingest.stop(grace=0.5)
+    async with _paced_ingest(settings, 0.5) as (_, open_stream):  # one new stream every 2 s
+        _, answer = await open_stream("holder")  # takes this second's slot
+        assert isinstance(answer, hb.BeatReply)
+        _, answer = await open_stream("crowd")  # refused: promised the next slot, 2 s away
+        assert isinstance(answer, grpc.aio.AioRpcError) and answer.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        started = time.monotonic()
+        client = AsyncHeartbeatClient("latecomer", settings.grpc_addr, interval=0.1, sample_cpu=False)
+        await client.start()
+        try:
+            deadline = started + 15.0
+            while client.beats_acknowledged == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            waited = time.monotonic() - started
+        finally:
+            await client.stop()
+        assert client.beats_acknowledged >= 1 and client.error is None
+        # refused first and promised the slot after the crowd's, 4 s away: it waited for it (its own
+        # backoff alone would have brought it back as soon as the 2 s slot was free)
+        assert waited >= 3.8, f"through after {waited:.2f} s: the pushback was not honoured"
 
 
 def test_a_restart_sized_crowd_is_back_within_the_promised_time() -> None:
