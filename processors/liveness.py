@@ -14,6 +14,12 @@ Rules:
 - An agent that left on purpose (STOPPING, or COMPLETED) is never stalled by its silence.
 - Recovery needs `recovery_beats` healthy beats in a row (hysteresis: one late beat does not flap);
   meanwhile the agent is `recovered`, and silence sends it back to `stalled` within the same episode.
+- Our outages: when the pipeline clock stands still longer than `gap_ms` and then jumps (Redis was
+  down, so nothing could be stored and the bridges could not read), the silence was ours, not the
+  agents': every agent heard since the previous such gap gets one full deadline from the gap's end,
+  time for the clients to reconnect. Once per gap and only for agents heard since the last one, so a
+  dead agent's stall is late by one deadline at most, however often the clock jumps (a slow link
+  whose every step is long).
 - Mass silence: when more than a fraction of a partition's agents fall silent together, that is an outage
   (a network partition, or ours): one `mass_silence` event, the agents are held without individual stalls
   (so nothing is reassigned) until they are confirmed one by one: when most of them are back, or the hold
@@ -60,6 +66,9 @@ class Rules:
     mass_fraction: float = 0.5
     mass_min: int = 10
     mass_hold_ms: int = 60_000
+    # A pipeline clock step longer than this (the workers use HBREG_LAG_ALERT, the `pipeline_lag`
+    # threshold) was an outage of ours; 0: no step counts as one (see Liveness.advance).
+    gap_ms: int = 0
 
 
 def rules_of(settings: Settings) -> Rules:
@@ -76,6 +85,7 @@ def rules_of(settings: Settings) -> Rules:
         mass_fraction=settings.mass_silence_fraction,
         mass_min=settings.mass_silence_min,
         mass_hold_ms=int(settings.mass_silence_hold * 1000),
+        gap_ms=int(settings.lag_alert * 1000),
     )
 
 
@@ -236,19 +246,27 @@ class Liveness:
         self._y_stall = _y_for_phi(rules.phi_threshold)
         # set when records were skipped: the next watermark gives every agent a full deadline from there
         self.blind = False
+        self.gap_end = 0  # pipeline time at the end of the last gap (Rules.gap_ms)
 
     # --- persistence --------------------------------------------------------------------------
 
     def restore(
-        self, agents: Iterable[Agent], watermark: int, mass: dict[int, list[str]], seen: dict[str, int]
+        self,
+        agents: Iterable[Agent],
+        watermark: int,
+        mass: dict[int, list[str]],
+        seen: dict[str, int],
+        gap_end: int = 0,
     ) -> None:
-        """`seen`: newer last beats than the snapshot knows (from the closed window rows)."""
+        """`seen`: newer last beats than the snapshot knows (from the closed window rows); `gap_end`: the
+        snapshot's, so the agents a recent gap deferred keep their deadline."""
         self.watermark = watermark
+        self.gap_end = gap_end
         for agent in agents:
             agent.last_seen = max(agent.last_seen, seen.get(agent.agent_id, 0))
             self.agents[agent.agent_id] = agent
             if agent.state in (ALIVE, RECOVERED) and agent.status not in _LEAVING:
-                self._schedule(agent, agent.last_seen + self._offset(agent))
+                self._schedule(agent, max(agent.last_seen, gap_end) + self._offset(agent))
         self.mass = {int(k): set(v) for k, v in mass.items()}
         self._mass_back = {k: 0 for k in self.mass}
 
@@ -323,10 +341,13 @@ class Liveness:
         """Move the pipeline clock: stall and mass-silence events for the deadlines that passed."""
         if watermark <= self.watermark:
             return []
-        self.watermark = watermark
         if self.blind:
             self.blind = False
             self._defer_deadlines(watermark)
+        elif self.rules.gap_ms and self.watermark and watermark - self.watermark > self.rules.gap_ms:
+            self._defer_deadlines(watermark, heard_since=self.gap_end)
+            self.gap_end = watermark
+        self.watermark = watermark
         due = self._pop_due(watermark)
         events: list[hb.AgentEvent] = []
         silent = []
@@ -399,10 +420,11 @@ class Liveness:
         offset = int(mean + rules.acceptable_pause_ms + self._y_stall * std)
         return offset if offset < rules.timeout_ms else rules.timeout_ms
 
-    def _defer_deadlines(self, at: int) -> None:
-        """No agent's deadline before `at` plus its silence limit: the pipeline could not see its beats."""
+    def _defer_deadlines(self, at: int, heard_since: int = 0) -> None:
+        """No deadline before `at` plus the agent's silence limit, for the agents last heard at or after
+        `heard_since`: the pipeline could not see their beats."""
         for agent in self.agents.values():
-            if agent.bucket >= 0 and agent.deadline < at + self._offset(agent):
+            if agent.bucket >= 0 and agent.last_seen >= heard_since and agent.deadline < at + self._offset(agent):
                 self._schedule(agent, at + self._offset(agent))
 
     def _healthy(self, agent: Agent) -> bool:

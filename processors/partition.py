@@ -152,7 +152,7 @@ class PartitionState:
         state.next_offset = meta.get("next_offset", 0)
         # agents are in the chunks from their first beat on, before any window closed
         agents = (Agent.load(a, d) for chunk in chunks if chunk for a, d in chunk.items())
-        state.liveness.restore(agents, meta.get("watermark", 0), meta.get("mass", {}), seen)
+        state.liveness.restore(agents, meta.get("watermark", 0), meta.get("mass", {}), seen, meta.get("gap_end", 0))
         state.liveness.changed.clear()
         return state
 
@@ -167,6 +167,7 @@ class PartitionState:
             "closed_until": self.written_until,
             "watermark": self.liveness.watermark,
             "mass": {str(k): sorted(v) for k, v in self.liveness.mass.items()},
+            "gap_end": self.liveness.gap_end,
         }
 
     def dirty_chunks(self) -> dict[int, dict[str, list[Any]]]:

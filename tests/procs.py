@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from heartbeat_registry.core.settings import Settings
+from heartbeat_registry.hbreg import services
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
@@ -42,3 +43,12 @@ def hbreg(args: Sequence[str], settings: Settings, log_path, **env: str) -> subp
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+
+def valkey(port: int, data) -> subprocess.Popen:
+    """A Valkey of a test's own (durable: append-only file), for tests that kill and restart it."""
+    proc = subprocess.Popen(
+        services.valkey_command(port, data, durable=True), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    services.wait_port("127.0.0.1", port, 15, "valkey")
+    return proc

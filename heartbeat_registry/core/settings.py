@@ -243,7 +243,12 @@ class Settings:
     )
     mass_silence_min: int = _field(10, "count", "fewest agents silent together that count as a mass silence")
     mass_silence_hold: float = _field(60.0, "seconds", "longest hold of a mass silence before individual stalls")
-    lag_alert: float = _field(2.0, "seconds", "pipeline lag (wall clock minus watermark) that raises `pipeline_lag`")
+    lag_alert: float = _field(
+        2.0,
+        "seconds",
+        "pipeline lag (wall clock minus watermark) that raises `pipeline_lag`; a jump of the pipeline clock by more"
+        " than this gives the agents a new deadline",
+    )
     window_retention: float = _field(3600.0, "seconds", "how long window rows are kept")
     reassign_on: tuple[str, ...] = _field(REASONS, "reasons", "stall reasons that reassign the agent's task")
     reassign_rate: float = _field(20.0, "positive", "reassignments per second, sustained (more wait in order)")

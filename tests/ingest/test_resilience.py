@@ -7,7 +7,6 @@ import asyncio
 import dataclasses
 import itertools
 import signal
-import subprocess
 import time
 
 import grpc
@@ -70,14 +69,6 @@ async def stored_stamps(redis_url: str, names: Names) -> set[int]:
     return out
 
 
-def start_valkey(port: int, data) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        services.valkey_command(port, data, durable=True), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    services.wait_port("127.0.0.1", port, 15, "valkey")
-    return proc
-
-
 async def serving(addr: str) -> int:
     async with grpc.aio.insecure_channel(addr) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
@@ -86,7 +77,7 @@ async def serving(addr: str) -> int:
 
 async def test_redis_killed_and_restarted_under_load(settings: Settings, tmp_path) -> None:
     port = services.free_port()
-    valkey = start_valkey(port, tmp_path / "valkey")
+    valkey = procs.valkey(port, tmp_path / "valkey")
     settings = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{port}")
     node = Ingest(settings)
     await node.start()
@@ -105,7 +96,7 @@ async def test_redis_killed_and_restarted_under_load(settings: Settings, tmp_pat
         assert {code for _, code, _ in down} == {grpc.StatusCode.UNAVAILABLE}
         assert max(took for _, _, took in down) < 0.1, "refusals while Redis is down must be fast"
 
-        valkey = start_valkey(port, tmp_path / "valkey")
+        valkey = procs.valkey(port, tmp_path / "valkey")
         restarted_at = time.monotonic()
         acked_at_restart = len(load.acked)
         while len(load.acked) <= acked_at_restart:

@@ -11,6 +11,7 @@ import pytest
 
 from heartbeat_registry.core.names import Names
 from heartbeat_registry.core.settings import Settings
+from heartbeat_registry.hbreg import services
 from heartbeat_registry.hbreg.simulate import Fleet
 from heartbeat_registry.pb import hb
 from tests import procs
@@ -113,6 +114,34 @@ async def test_paused_bridge_raises_pipeline_lag_not_stalls(pipeline_settings: S
         events = await events_now(settings)
     assert not fleet.errors
     assert [e.agent_id for e in of_type(events, hb.STALL)] == ["p29"] and of_type(events, hb.MASS_SILENCE) == []
+    kinds = [e.type for e in events if e.type in (hb.PIPELINE_LAG, hb.PIPELINE_CAUGHT_UP)]
+    assert kinds == [hb.PIPELINE_LAG, hb.PIPELINE_CAUGHT_UP]
+
+
+async def test_a_redis_restart_stalls_only_an_agent_that_died_meanwhile(pipeline_settings: Settings, tmp_path) -> None:
+    """Valkey down for 4 s under a fleet: nothing is stored, the bridge cannot read, the pipeline clock
+    stands still, then jumps. The clients are back within their pushback: no stall, no mass silence, and the
+    outage shows as `pipeline_lag`. The control: an agent killed during the outage is stalled."""
+    port = services.free_port()
+    valkey = procs.valkey(port, tmp_path / "valkey")
+    settings = dataclasses.replace(pipeline_settings, redis_url=f"redis://127.0.0.1:{port}", stall_timeout=2.0)
+    try:
+        async with running_pipeline(settings, tmp_path):
+            fleet = Fleet(settings.grpc_addr, [f"v{i:02d}" for i in range(40)], interval=0.2, jitter=0.3)
+            await fleet.start()
+            await asyncio.sleep(3)
+            procs.stop(valkey, signal.SIGKILL)
+            await asyncio.sleep(1)
+            await fleet.kill("v39")
+            await asyncio.sleep(3)
+            valkey = procs.valkey(port, tmp_path / "valkey")
+            await asyncio.sleep(settings.stall_timeout + 4)
+            await fleet.stop()
+            events = await events_now(settings)
+    finally:
+        procs.stop(valkey)
+    assert not fleet.errors
+    assert [e.agent_id for e in of_type(events, hb.STALL)] == ["v39"] and of_type(events, hb.MASS_SILENCE) == []
     kinds = [e.type for e in events if e.type in (hb.PIPELINE_LAG, hb.PIPELINE_CAUGHT_UP)]
     assert kinds == [hb.PIPELINE_LAG, hb.PIPELINE_CAUGHT_UP]
 

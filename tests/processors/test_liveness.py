@@ -187,3 +187,63 @@ def test_phi_grows_with_silence() -> None:
     assert phi(100, 1000, 100) < 0.01
     assert phi(1000, 1000, 100) == pytest.approx(0.30103, abs=0.01)
     assert 7 < phi(1530, 1000, 100) < phi(1600, 1000, 100)
+
+
+def _beating(live: Liveness, agents: range, start: int, until: int) -> None:
+    """`agents` beat every 500 ms from `start` to `until`, the clock stepping 100 ms as in a healthy pipeline."""
+    for t in range(start, until + 1, 100):
+        if t % 500 == 0:
+            for i in agents:
+                live.beat(f"a{i}", "t", hb.RUNNING, 0.5, t)
+        assert live.advance(t) == []
+
+
+def test_a_gap_in_the_pipeline_clock_gives_every_agent_heard_one_deadline() -> None:
+    """Redis down for 6 s: nothing stored, the clock stood still, then jumped. Agents back at once, agents
+    still in their clients' retry backoff, and one that died meanwhile."""
+    outcomes = {}
+    for gap_ms in (0, 2000):  # 0: the rule off, the positive control
+        live = make(timeout_ms=30_000, recovery_beats=3, mass_min=1000, gap_ms=gap_ms)
+        _beating(live, range(10), 500, 10_000)
+        deadline = live._offset(live.agents["a9"])
+        assert deadline < 6000  # so a 6 s gap passes every agent's deadline
+        for i in range(5):  # back at once, in the first record after the gap
+            live.beat(f"a{i}", "t", hb.RUNNING, 0.5, 15_900)
+        events = live.advance(16_000)
+        for i in range(5, 9):  # back after their backoff; a9 never
+            live.beat(f"a{i}", "t", hb.RUNNING, 0.5, 17_500)
+        for t in range(16_100, 16_000 + deadline + 200, 100):
+            events += live.advance(t)
+        outcomes[gap_ms] = [(e.agent_id, e.detected_at_ms) for e in events if e.type == hb.STALL]
+    assert sorted(a for a, _ in outcomes[0]) == [f"a{i}" for i in range(5, 10)]  # false stalls without the rule
+    # with it: only the dead agent, one deadline after the gap
+    [(agent, detected)] = outcomes[2000]
+    assert agent == "a9" and 16_000 + deadline <= detected <= 16_000 + deadline + 100
+
+
+def test_a_dead_agent_is_deferred_by_one_gap_only() -> None:
+    """Every step of the clock a gap (a slow link): a dead agent is stalled one deadline after the first."""
+    live = make(timeout_ms=30_000, mass_min=1000, gap_ms=2000)
+    _beating(live, range(10), 500, 10_000)
+    deadline = live._offset(live.agents["a9"])
+    events = []
+    for t in range(13_000, 40_000, 3000):
+        for i in range(9):
+            live.beat(f"a{i}", "t", hb.RUNNING, 0.5, t - 100)
+        events += live.advance(t)
+    [stall] = events
+    assert stall.agent_id == "a9"
+    # deferred at the first gap (to 13 s + deadline), not at the next: stalled at the first step after it
+    assert 13_000 + deadline <= stall.detected_at_ms < 13_000 + deadline + 3000
+
+
+def test_a_restored_partition_keeps_the_deadlines_of_its_last_gap() -> None:
+    live = make(timeout_ms=30_000, mass_min=1000, gap_ms=2000)
+    _beating(live, range(1), 500, 10_000)
+    assert live.advance(16_000) == []
+    deadline = live._offset(live.agents["a0"])
+    for gap_end, stalled_at in ((0, 16_100), (live.gap_end, 16_000 + deadline)):  # 0: the positive control
+        restored = make(timeout_ms=30_000, mass_min=1000, gap_ms=2000)
+        restored.restore([Agent.load("a0", live.agents["a0"].dump())], 16_000, {}, {}, gap_end)
+        assert restored.advance(stalled_at - 100) == []
+        assert [e.agent_id for e in restored.advance(stalled_at)] == ["a0"]

@@ -194,3 +194,12 @@ def test_records_committed_unseen_are_gone_without_stalling_anyone() -> None:
     state.add(cols([("a", 10_000)], 10_000))
     events, _ = state.advance(11_000)
     assert [(e.agent_id, e.reason) for e in events] == [("b", "silent")]
+
+
+def test_the_snapshot_keeps_the_last_gap_of_the_pipeline_clock() -> None:
+    state = PartitionState(0, 10_000, Rules(timeout_ms=60_000, gap_ms=2000))
+    state.advance(1000)
+    state.advance(9000)
+    assert state.liveness.gap_end == 9000
+    restored = PartitionState.restore(0, 10_000, RULES, state.snapshot_meta(), [], {})
+    assert restored.liveness.gap_end == 9000
