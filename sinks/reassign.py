@@ -295,7 +295,7 @@ class ReassignSink:
         partitions = self.settings.topic_partitions
         pipe = self.redis.pipeline(transaction=False)
         for event in stalls:
-            pipe.hget(self.names.query_agents(partition_of(event.agent_id, partitions)), event.agent_id)
+            pipe.hget(self.names.query_agents_of(event.agent_id, partitions), event.agent_id)
         return {
             e.agent_id: AgentView.decode(raw)
             for e, raw in zip(stalls, await pipe.execute(), strict=True)

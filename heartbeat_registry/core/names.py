@@ -74,6 +74,10 @@ class Names:
         """Hash agent_id -> the worker's liveness view of the agent (core.views.AgentView), one per partition."""
         return f"{self.key_prefix}:q:agents:{partition}"
 
+    def query_agents_of(self, agent_id: str, partitions: int) -> str:
+        """The `query_agents` hash holding `agent_id`'s view: its partition's, of `partitions`."""
+        return self.query_agents(partition_of(agent_id, partitions))
+
     def query_open(self, partition: int, window_start: int) -> str:
         """Hash agent_id -> the agent's window so far while it is open (core.views.WindowRow.encode_open)."""
         return f"{self.key_prefix}:q:open:{partition}:{window_start}"

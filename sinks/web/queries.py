@@ -61,9 +61,7 @@ class Query:
         return [a for a in out if state is None or a["state"] == state]
 
     async def agent(self, agent_id: str) -> dict[str, Any] | None:
-        view = await self.redis.hget(
-            self.names.query_agents(partition_of(agent_id, self.settings.topic_partitions)), agent_id
-        )
+        view = await self.redis.hget(self.names.query_agents_of(agent_id, self.settings.topic_partitions), agent_id)
         raw = await self.redis.hget(self.names.latest(partition_of(agent_id, self.names.shards)), agent_id)
         if view is None and raw is None:
             return None

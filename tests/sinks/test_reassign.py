@@ -11,7 +11,7 @@ import signal
 import pytest
 
 from heartbeat_registry.core import redis_client
-from heartbeat_registry.core.names import Names, partition_of
+from heartbeat_registry.core.names import Names
 from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.core.tasks import TaskStore
 from heartbeat_registry.core.views import ALIVE, RECOVERED, STALLED, AgentView
@@ -121,7 +121,7 @@ async def test_only_an_agent_the_worker_counts_back_keeps_its_task(pipeline_sett
         states = {"back": ALIVE, "late": STALLED, "again": RECOVERED}
         for agent, state in states.items():
             view = AgentView(f"job-{agent}", hb.RUNNING, 0.5, 1500, state, "", 1500, 1000.0, 50.0)
-            key = names.query_agents(partition_of(agent, pipeline_settings.topic_partitions))
+            key = names.query_agents_of(agent, pipeline_settings.topic_partitions)
             await client.hset(key, agent, view.encode())
         sink = await start_sink(pipeline_settings, tmp_path / "reassign.log")
         try:

@@ -23,7 +23,7 @@ from typing import Any
 
 from heartbeat_registry.beats import now_ms
 from heartbeat_registry.core import redis_client
-from heartbeat_registry.core.names import Names, partition_of
+from heartbeat_registry.core.names import Names
 from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.core.views import ALIVE, STALLED, AgentView
 from heartbeat_registry.errors import ConfigError
@@ -91,7 +91,7 @@ class FakeFleet:
         }
 
     def _key(self, agent: str) -> str:
-        return self.names.query_agents(partition_of(agent, self.partitions))
+        return self.names.query_agents_of(agent, self.partitions)
 
     async def write(self, agents: list[str]) -> None:
         pipe = self.redis.pipeline(transaction=False)
