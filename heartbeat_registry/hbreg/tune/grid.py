@@ -23,6 +23,7 @@ TUNABLE = (
     "mass_silence_fraction",
     "mass_silence_min",
     "mass_silence_hold",
+    "lag_alert",
 )
 MAX_SETS = 256
 
