@@ -424,8 +424,11 @@ class Liveness:
         """No deadline before `at` plus the agent's silence limit, for the agents last heard at or after
         `heard_since`: the pipeline could not see their beats."""
         for agent in self.agents.values():
-            if agent.bucket >= 0 and agent.last_seen >= heard_since and agent.deadline < at + self._offset(agent):
-                self._schedule(agent, at + self._offset(agent))
+            if agent.bucket < 0 or agent.last_seen < heard_since:
+                continue
+            deadline = at + self._offset(agent)
+            if agent.deadline < deadline:
+                self._schedule(agent, deadline)
 
     def _healthy(self, agent: Agent) -> bool:
         """Does this beat count towards recovery from the agent's stall reason?"""
