@@ -95,12 +95,16 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
         web_port=int(port),
         web_in_thread=False,
         producer_max_request_size=4 * 1024 * 1024,
-        # faust creates its own topics (the changelogs if the worker had not, the assignor's leader topic)
-        # with these replicas; its producer waits for every in-sync replica (faust's default, said here
-        # because a record acknowledged by the leader alone is lost when that broker dies)
+        # nothing runs `on_leader`, so no leader-election topic: with room (hook 4 below) the worker
+        # subscribed before a fresh one showed in the broker's metadata, and aiokafka logged an error
+        topic_disable_leader=True,
+        # faust creates the changelogs with these replicas if the worker had not; its producer waits for
+        # every in-sync replica (faust's default, said here because a record acknowledged by the leader
+        # alone is lost when that broker dies)
         topic_replication_factor=settings.kafka_replication_factor,
         producer_acks=-1,
         datadir=str(datadir),
+        TableManager=faust_adapter.TableManager,  # hook 4: no 1 s sleep before the first subscription
     )
     faust_adapter.install(app)  # before the first topic: faust builds its transport on demand
     heartbeats = app.topic(names.heartbeats_topic, key_serializer="raw", value_serializer="raw", partitions=partitions)

@@ -237,3 +237,37 @@ def test_untested_library_versions_are_refused_in_one_line(monkeypatch: pytest.M
     assert "HBREG_ALLOW_UNTESTED_VERSIONS" in message
     faust_adapter.verify(allow_untested=True)  # starts, loudly
     assert any(r.levelname == "ERROR" and "UNTESTED" in r.getMessage() for r in caplog.records)
+
+
+async def test_the_table_manager_starts_without_faust_s_one_second_sleep(
+    pipeline_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hook 4: the worker's table manager registers the changelogs and starts recovery at once; faust's own
+    sleeps a second first (the positive control), which every worker (re)start waited out."""
+    from faust import tables
+
+    from processors import faust_adapter
+    from processors.app import create_app
+
+    app, _ = create_app(pipeline_settings)
+    manager = app.tables
+    assert isinstance(manager, faust_adapter.TableManager)
+    steps: list[str] = []
+
+    async def sleep(seconds: float) -> None:
+        steps.append(f"sleep {seconds}")
+
+    async def update_channels() -> None:
+        steps.append("channels")
+
+    async def start_recovery() -> None:
+        steps.append("recovery")
+
+    monkeypatch.setattr(manager, "sleep", sleep)
+    monkeypatch.setattr(manager, "_update_channels", update_channels)
+    monkeypatch.setattr(manager.recovery, "start", start_recovery)
+    await manager.on_start()
+    assert steps == ["channels", "recovery"]
+    steps.clear()
+    await tables.TableManager.on_start(manager)
+    assert steps == ["sleep 1.0", "channels", "recovery"]
