@@ -52,7 +52,14 @@ from processors.shard_leases import ShardLeases
 
 log = logging.getLogger(__name__)
 
-READ_COUNT = 64  # stream entries per shard per read; each entry holds one group commit of the ingest
+# Entries per shard per read. An entry holds one group commit of the ingest: one heartbeat (a small fleet
+# beating one at a time) to thousands (BeatBatch at full rate), so the count follows the entries' size:
+# about READ_HEARTBEATS heartbeats a read, between READ_COUNT and MAX_READ_COUNT entries. With a fixed 64
+# a backlog of small entries went 64 at a time, one Kafka round trip each (the chaos soak: after a Kafka
+# restart the bridges took 5 s to forward the 14 s that waited in Redis; 0.4 s since).
+READ_COUNT = 64
+MAX_READ_COUNT = 4096
+READ_HEARTBEATS = 32_768
 MAX_RECORD_BYTES = 512 * 1024
 POLL_S = (
     0.01  # a unit of several shards reads without blocking (one blocking read per shard would wait for the slowest)
@@ -112,6 +119,7 @@ class Bridge:
         )
         self._refresh_s = lease_ttl / 3
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._read_counts: dict[str, int] = {}  # stream -> entries its next read asks for
         self._unit_stops: dict[int, asyncio.Event] = {}
         self._unit_healthy: dict[int, bool] = {}
         self._last_sent = [0] * partitions  # wall ms of the last record per partition
@@ -277,25 +285,27 @@ class Bridge:
         """One read-forward-acknowledge cycle of a unit; sends watermark ticks even when nothing was read."""
         streams = self._unit_streams(unit)
         group, consumer = self._names.bridge_group, self.consumer
+        counts = {s: self._read_counts.get(s, READ_COUNT) for s in streams}
         started = now_ms()
         if len(streams) == 1:
             reply = await self._redis.xreadgroup(
-                group, consumer, {streams[0]: ">"}, count=READ_COUNT, block=max(1, self._interval_ms)
+                group, consumer, {streams[0]: ">"}, count=counts[streams[0]], block=max(1, self._interval_ms)
             )
             reads = _pairs(reply) or [(streams[0], [])]
         else:
             replies = await asyncio.gather(
-                *(self._redis.xreadgroup(group, consumer, {s: ">"}, count=READ_COUNT) for s in streams)
+                *(self._redis.xreadgroup(group, consumer, {s: ">"}, count=counts[s]) for s in streams)
             )
             reads = [pair for reply in replies for pair in _pairs(reply)]
             if not any(es for _, es in reads):
                 await asyncio.sleep(POLL_S)
-        # A stream that returned fewer than READ_COUNT entries is drained up to `started`; one that
+        # A stream that returned fewer entries than asked for is drained up to `started`; one that
         # returned a full read is known only up to the newest heartbeat read from it.
         progress = started - self._slack_ms
-        for _, es in reads:
-            if len(es) >= READ_COUNT:
+        for stream, es in reads:
+            if len(es) >= counts[stream]:
                 progress = min(progress, max((_received(f) for _, f in es if f), default=0))
+            self._read_counts[stream] = read_count(es)
         entries = [(s, e) for s, es in reads for e in es]
         # in the same records as this cycle's watermark, so the workers fold them in before it passes them
         entries += await self._stragglers(streams)
@@ -415,6 +425,19 @@ def _received(fields: dict[bytes, bytes]) -> int:
     """The entry's newest receive time, 0 where it has none (a foreign entry: it moves no watermark)."""
     raw = fields.get(b"r", b"0")
     return int(raw) if raw.isdigit() else 0
+
+
+def read_count(entries: list[Any]) -> int:
+    """How many entries the next read of a stream asks for, after reading `entries` from it."""
+    if not entries:
+        return READ_COUNT
+    beats = 0
+    for _, fields in entries:
+        try:
+            beats += max(1, int(fields.get(b"n", 1)))
+        except (AttributeError, TypeError, ValueError):  # trimmed, or not the ingest's: `_columns` counts it
+            beats += 1
+    return max(READ_COUNT, min(MAX_READ_COUNT, READ_HEARTBEATS * len(entries) // beats))
 
 
 def _pairs(reply: Any) -> list[tuple[str, list[Any]]]:

@@ -343,3 +343,34 @@ async def test_a_unit_whose_lease_lapsed_here_but_was_renewed_is_forwarded_again
         )
         assert bridge._tasks[lapsed] is not before and bridge.healthy
     assert set(delivered(records)) == set(range(1, 501))
+
+
+async def test_a_backlog_of_small_entries_is_forwarded_in_a_few_reads(pipeline_settings: Settings) -> None:
+    """One agent beating one heartbeat at a time leaves one stream entry per heartbeat; 1,000 of them wait
+    for a bridge (as after a Kafka restart). It reads them by heartbeats, not 64 entries at a time with a
+    Kafka round trip each (the chaos soak: 5 s to forward the 14 s that waited)."""
+    names = Names.of(pipeline_settings)
+    ingest = Ingest(pipeline_settings)
+    await ingest.start()
+    try:
+        async with grpc.aio.insecure_channel(pipeline_settings.grpc_addr) as channel:
+            stub = hb_grpc.HeartbeatServiceStub(channel)
+            for n in range(1, 1001):
+                beat = hb.Heartbeat(agent_id="agent-0", task_id="t", status=hb.RUNNING, timestamp=BASE + n, seq=n)
+                await stub.Beat(beat)
+        stop = asyncio.Event()
+        bridge = await run_bridge(pipeline_settings, stop)
+        try:
+            records = await read_records(
+                pipeline_settings.kafka_bootstrap,
+                names.heartbeats_topic,
+                lambda rs: sum(delivered(rs).values()) >= 1000,
+            )
+        finally:
+            stop.set()
+            await bridge.task
+    finally:
+        await ingest.stop()
+    assert set(delivered(records)) == set(range(1, 1001))
+    carrying = [record for record, cols in zip(records, columns(records), strict=True) if cols.agent_id]
+    assert len(carrying) <= 3, f"1,000 one-heartbeat entries took {len(carrying)} reads"
