@@ -75,10 +75,8 @@ async def run_bridge(settings: Settings, stop: asyncio.Event, consumer: str = "b
 
 
 @contextlib.asynccontextmanager
-async def ingest_and_bridge(settings: Settings) -> AsyncIterator[Bridge]:
-    """An ingest in-process and a bridge on `settings`, both stopped on the way out."""
-    ingest = Ingest(settings)
-    await ingest.start()
+async def bridge_running(settings: Settings) -> AsyncIterator[Bridge]:
+    """A bridge on `settings`, stopped on the way out."""
     stop = asyncio.Event()
     bridge = await run_bridge(settings, stop)
     try:
@@ -86,6 +84,17 @@ async def ingest_and_bridge(settings: Settings) -> AsyncIterator[Bridge]:
     finally:
         stop.set()
         await bridge.task
+
+
+@contextlib.asynccontextmanager
+async def ingest_and_bridge(settings: Settings) -> AsyncIterator[Bridge]:
+    """An ingest in-process and a bridge on `settings`, both stopped on the way out."""
+    ingest = Ingest(settings)
+    await ingest.start()
+    try:
+        async with bridge_running(settings) as bridge:
+            yield bridge
+    finally:
         await ingest.stop()
 
 
@@ -120,17 +129,12 @@ async def test_every_acknowledged_heartbeat_once(pipeline_settings: Settings, sh
 
 async def test_idle_partitions_get_watermark_ticks(pipeline_settings: Settings) -> None:
     names = Names.of(pipeline_settings)
-    stop = asyncio.Event()
-    bridge = await run_bridge(pipeline_settings, stop)
-    try:
+    async with bridge_running(pipeline_settings):
         records = await read_records(
             pipeline_settings.kafka_bootstrap,
             names.heartbeats_topic,
             lambda rs: {r.partition for r in rs} == set(range(pipeline_settings.topic_partitions)) and len(rs) > 20,
         )
-    finally:
-        stop.set()
-        await bridge.task
     per_partition = collections.defaultdict(list)
     for record, cols in zip(records, columns(records), strict=True):
         assert not cols.agent_id
@@ -358,17 +362,12 @@ async def test_a_backlog_of_small_entries_is_forwarded_in_a_few_reads(pipeline_s
             for n in range(1, 1001):
                 beat = hb.Heartbeat(agent_id="agent-0", task_id="t", status=hb.RUNNING, timestamp=BASE + n, seq=n)
                 await stub.Beat(beat)
-        stop = asyncio.Event()
-        bridge = await run_bridge(pipeline_settings, stop)
-        try:
+        async with bridge_running(pipeline_settings):
             records = await read_records(
                 pipeline_settings.kafka_bootstrap,
                 names.heartbeats_topic,
                 lambda rs: sum(delivered(rs).values()) >= 1000,
             )
-        finally:
-            stop.set()
-            await bridge.task
     finally:
         await ingest.stop()
     assert set(delivered(records)) == set(range(1, 1001))
