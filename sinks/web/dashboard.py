@@ -110,8 +110,9 @@ def add_routes(app: web.Application, query: Query, live: Live) -> None:
         try:
             await response.write(b"retry: 1000\n\n" + live.snapshot())  # reconnect after 1 s when lost
             while True:
-                try:
-                    message = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+                try:  # asyncio.timeout: wait_for on Python 3.11 can swallow the server's cancel
+                    async with asyncio.timeout(KEEPALIVE_S):
+                        message = await queue.get()
                 except TimeoutError:
                     message = b": keepalive\n\n"
                 if not message:  # dropped for reading too slowly: the page reconnects

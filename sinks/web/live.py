@@ -148,8 +148,11 @@ class Live:
             PAGES.set(len(self.pages))
             pause = TICK_S if self.pages or not self._primed else IDLE_TICK_S
             self._page_opened.clear()
-            with contextlib.suppress(TimeoutError):  # a page opening ends an idle pause at once
-                await asyncio.wait_for(self._page_opened.wait(), max(0.05, pause - (time.monotonic() - started)))
+            # A page opening ends an idle pause at once. asyncio.timeout, not wait_for: on Python 3.11
+            # wait_for swallows a cancel that comes as the page opens, and the loop never stopped.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.05, pause - (time.monotonic() - started))):
+                    await self._page_opened.wait()
 
     async def tick(self) -> None:
         now = time.monotonic()
