@@ -87,26 +87,28 @@ async def bridge_running(settings: Settings) -> AsyncIterator[Bridge]:
 
 
 @contextlib.asynccontextmanager
-async def ingest_and_bridge(settings: Settings) -> AsyncIterator[Bridge]:
-    """An ingest in-process and a bridge on `settings`, both stopped on the way out."""
+async def ingest_running(settings: Settings) -> AsyncIterator[Ingest]:
+    """An ingest in-process on `settings`, stopped on the way out."""
     ingest = Ingest(settings)
     await ingest.start()
     try:
-        async with bridge_running(settings) as bridge:
-            yield bridge
+        yield ingest
     finally:
         await ingest.stop()
+
+
+@contextlib.asynccontextmanager
+async def ingest_and_bridge(settings: Settings) -> AsyncIterator[Bridge]:
+    """An ingest in-process and a bridge on `settings`, both stopped on the way out."""
+    async with ingest_running(settings), bridge_running(settings) as bridge:
+        yield bridge
 
 
 @pytest.mark.parametrize("shards", [4, 3])
 async def test_every_acknowledged_heartbeat_once(pipeline_settings: Settings, shards: int) -> None:
     settings = dataclasses.replace(pipeline_settings, stream_shards=shards)
     names = Names.of(settings)
-    ingest = Ingest(settings)
-    await ingest.start()
-    stop = asyncio.Event()
-    bridge = await run_bridge(settings, stop)
-    try:
+    async with ingest_and_bridge(settings):
         async with grpc.aio.insecure_channel(settings.grpc_addr) as channel:
             stub = hb_grpc.HeartbeatServiceStub(channel)
             for start in range(1, 5001, 500):
@@ -114,10 +116,6 @@ async def test_every_acknowledged_heartbeat_once(pipeline_settings: Settings, sh
         records = await read_records(
             settings.kafka_bootstrap, names.heartbeats_topic, lambda rs: sum(delivered(rs).values()) >= 5000
         )
-    finally:
-        stop.set()
-        await bridge.task
-        await ingest.stop()
     counts = delivered(records)
     assert set(counts) == set(range(1, 5001))
     assert set(counts.values()) == {1}, "a heartbeat was delivered twice without a crash"
@@ -354,9 +352,7 @@ async def test_a_backlog_of_small_entries_is_forwarded_in_a_few_reads(pipeline_s
     for a bridge (as after a Kafka restart). It reads them by heartbeats, not 64 entries at a time with a
     Kafka round trip each (the chaos soak: 5 s to forward the 14 s that waited)."""
     names = Names.of(pipeline_settings)
-    ingest = Ingest(pipeline_settings)
-    await ingest.start()
-    try:
+    async with ingest_running(pipeline_settings):
         async with grpc.aio.insecure_channel(pipeline_settings.grpc_addr) as channel:
             stub = hb_grpc.HeartbeatServiceStub(channel)
             for n in range(1, 1001):
@@ -368,8 +364,6 @@ async def test_a_backlog_of_small_entries_is_forwarded_in_a_few_reads(pipeline_s
                 names.heartbeats_topic,
                 lambda rs: sum(delivered(rs).values()) >= 1000,
             )
-    finally:
-        await ingest.stop()
     assert set(delivered(records)) == set(range(1, 1001))
     carrying = [record for record, cols in zip(records, columns(records), strict=True) if cols.agent_id]
     assert len(carrying) <= 3, f"1,000 one-heartbeat entries took {len(carrying)} reads"
