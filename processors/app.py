@@ -187,17 +187,26 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
         """One record: fold it in, write what became final, acknowledge what is safe (partition.py)."""
         partition = event.message.partition
         state = state_of(partition)
-        last_record[partition] = time.monotonic()
+        now = last_record[partition] = time.monotonic()
         offset = event.message.offset
-        place = state.place(offset, time.monotonic(), faust_adapter.committed_offset(app, event.message.tp))
+        tp = event.message.tp
+        committed = faust_adapter.committed_offset(app, tp)
+        if state.restored_offset is not None and committed is not None:
+            if committed < state.restored_offset:  # in the tables, never acknowledged (partition.py)
+                await faust_adapter.consumer(app).add_gap(tp, committed, state.restored_offset - 1)
+            state.restored_offset = None
+        place = state.place(offset, now, committed)
         if place < 0:
-            return  # delivered again after faust sought back to the committed offset: folded in
+            return  # delivered again after a seek back: folded in already
         if place > 0:
             metrics.WORKER_EARLY.inc()
+            if state.seek_due(now):
+                await seek_back(tp, state.next_offset)
             return
         if state.missed:
             first, last = state.missed
             state.missed = None
+            await faust_adapter.consumer(app).add_gap(tp, first, last - 1)
             metrics.WORKER_MISSED.inc(last - first)
             log.warning(
                 "records skipped: committed or gone before this worker saw them",
@@ -244,6 +253,18 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
             snapshots[f"p{partition}"] = state.snapshot_meta()
         for record in ready:
             await manual.ack(record)
+
+    async def seek_back(tp: Any, offset: int) -> None:
+        """Fetch `tp` again from `offset`, the record its state needs (processors/partition.py)."""
+        metrics.WORKER_SEEKS.inc()
+        log.info(
+            "records came ahead of the one needed: fetching again from it",
+            extra={"partition": tp.partition, "offset": offset},
+        )
+        try:
+            await app.consumer.seek_wait({tp: offset})
+        except Exception as exc:  # revoked meanwhile; or the next early record tries again
+            log.warning("could not seek back", extra={"partition": tp.partition, "error": repr(exc)})
 
     def fail(exc: BaseException) -> None:
         """Stop for good: the in-memory state can no longer be trusted (see the module docstring)."""

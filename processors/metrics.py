@@ -32,8 +32,12 @@ WORKER_REPEATED = Counter(
 )
 WORKER_EARLY = Counter(
     "hbreg_worker_early_records_total",
-    "Records dropped because they came before the one their partition needed (fetched before faust sought "
-    "back to the committed offset after a rebalance; they come again in order)",
+    "Records dropped because they came ahead of the one their partition needed (after a rebalance; the "
+    "worker seeks the partition back and they come again in order)",
+)
+WORKER_SEEKS = Counter(
+    "hbreg_worker_seeks_back_total",
+    "Times a partition was sought back to the record it needed because records came ahead of it",
 )
 WORKER_MISSED = Counter(
     "hbreg_worker_missed_records_total",

@@ -33,11 +33,24 @@ already seen, so no event repeats. A partition the worker keeps through a rebala
 
 Records must be folded in strictly in offset order: the state knows the next record it needs
 (`next_offset`), and `place()` tells older records (replays after faust sought back to the committed
-offset: already folded in) and records ahead of it (fetched before that seek: they come again in order)
-from the one it needs. Folding a record from ahead first would move the pipeline clock past every agent
-whose beats sit in the records in between, and stall them all. Only if those records never come
-(deleted by retention while the partition had no worker, or committed by faust unseen) does it go on
-without them, giving every agent a full deadline from there.
+offset: already folded in) and records ahead of it from the one it needs. Folding a record from ahead
+first would move the pipeline clock past every agent whose beats sit in the records in between, and
+stall them all.
+
+A state restored from a snapshot written after the last commit (the snapshot meta is written before
+the acknowledgements, faust commits them once a second) holds records the committed offset does not
+cover. faust commits only an unbroken run of acknowledged offsets from the committed one, and those
+records are not acknowledged again (replays are dropped), so the worker tells faust they are done
+(`restored_offset`, reported as a gap once faust knows the committed offset); without that, the
+partition never committed again.
+
+Records come ahead of the one needed after a rebalance: faust drops records delivered while the group
+rebalances, and records fetched before its seek to the committed offset can arrive after it; faust's
+consumer then drops the records fetched again as older than the newest it delivered, so they would
+never come. While records come ahead, the worker seeks the partition to `next_offset` itself
+(`seek_due`: at once, then every `SEEK_AGAIN_S`). Only if the records still do not come within
+`EARLY_WAIT_S` (deleted by retention while the partition had no worker, or committed by faust unseen)
+does it go on without them, giving every agent a full deadline from there.
 """
 
 from __future__ import annotations
@@ -56,6 +69,9 @@ ROWS_PER_CHUNK = 1000  # window rows per `windows` table value
 # How long records may come ahead of the one a partition needs before it goes on without the missing
 # ones: the early ones of a rebalance stop within milliseconds, when faust's seek takes effect.
 EARLY_WAIT_S = 3.0
+# while records come ahead, the partition is sought back to the one needed at once and then this often:
+# records fetched before a seek can still arrive after it and hide the ones fetched again
+SEEK_AGAIN_S = 0.2
 
 
 def chunk_of(agent_id: str) -> int:
@@ -130,6 +146,9 @@ class PartitionState:
         self.next_offset = 0  # the Kafka offset of the next record to fold in
         self.missed: tuple[int, int] | None = None  # offsets [from, to) gone on without, not yet reported
         self._early_since: float | None = None  # when records began to come ahead of next_offset
+        self._sought_at: float | None = None  # when the partition was last sought back to next_offset
+        # restored: records before this are in the tables, not yet reported to faust as done (Recovery)
+        self.restored_offset: int | None = None
         self._held: list[tuple[Any, int, int]] = []  # (faust event, its offset, window start it waits for)
 
     # --- persistence --------------------------------------------------------------------------
@@ -149,7 +168,7 @@ class PartitionState:
         state = cls(partition, window_ms, rules, grace_ms)
         meta = meta or {}
         state.closed_until = meta.get("closed_until", 0)
-        state.next_offset = meta.get("next_offset", 0)
+        state.next_offset = state.restored_offset = meta.get("next_offset", 0)
         # agents are in the chunks from their first beat on, before any window closed
         agents = (Agent.load(a, d) for chunk in chunks if chunk for a, d in chunk.items())
         state.liveness.restore(agents, meta.get("watermark", 0), meta.get("mass", {}), seen, meta.get("gap_end", 0))
@@ -298,8 +317,15 @@ class PartitionState:
             self.missed = (self.next_offset, offset)
             # beats in the missed records are unknown: no agent is judged silent on account of them
             self.liveness.blind = True
-        self._early_since = None
+        self._early_since = self._sought_at = None
         return 0
+
+    def seek_due(self, now: float) -> bool:
+        """Whether to seek the partition back to `next_offset` now, a record having come early."""
+        if self._sought_at is not None and now - self._sought_at < SEEK_AGAIN_S:
+            return False
+        self._sought_at = now
+        return True
 
     def hold(self, event: Any, offset: int, newest_window: int) -> None:
         """Keep `event` (offset `offset`, folded in) unacknowledged until the windows it fed are written

@@ -6,9 +6,11 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from heartbeat_registry.core.events import EventReader, time_order
+from heartbeat_registry.core.names import Names
+from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.pb import hb
 
 
@@ -59,3 +61,18 @@ async def eventually(check: Callable[[], object], timeout: float, every: float =
             assert result, "condition not met in time"
             return
         await asyncio.sleep(every)
+
+
+async def committed_and_end(settings: Settings, partition: int) -> tuple[int | None, int]:
+    """The processors' committed offset of a `heartbeats` partition, and its end offset."""
+    tp = TopicPartition(Names.of(settings).heartbeats_topic, partition)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        enable_auto_commit=False,
+        group_id=Names.of(settings).processors_app_id,
+    )
+    await consumer.start()
+    try:
+        return await consumer.committed(tp), (await consumer.end_offsets([tp]))[tp]
+    finally:
+        await consumer.stop()

@@ -7,7 +7,7 @@ import pytest
 from heartbeat_registry.core.windowstats import WindowStats
 from heartbeat_registry.pb import hb
 from processors.liveness import Rules
-from processors.partition import EARLY_WAIT_S, PartitionState
+from processors.partition import EARLY_WAIT_S, SEEK_AGAIN_S, PartitionState
 
 RULES = Rules(timeout_ms=60_000)
 
@@ -160,8 +160,8 @@ def test_records_are_released_only_after_their_windows_close() -> None:
 
 
 def test_records_are_folded_in_offset_order_from_the_snapshot() -> None:
-    """After a rebalance faust may deliver records fetched before it sought back to the committed offset:
-    they are dropped until the record the snapshot needs comes, older ones are skipped."""
+    """After a rebalance records may come ahead of the one the snapshot needs: they are dropped until it
+    comes, older ones are skipped."""
     before = PartitionState(0, window_ms=10_000, rules=RULES)
     for offset in range(5):
         before.hold(f"record-{offset}", offset, -1)
@@ -176,6 +176,21 @@ def test_records_are_folded_in_offset_order_from_the_snapshot() -> None:
     # records that never come (deleted by retention): after a while it goes on without them
     assert state.place(8, now=1.0, committed=3) == 1
     assert state.place(9, now=1.0 + EARLY_WAIT_S, committed=3) == 0 and state.missed == (6, 9)
+
+
+def test_a_partition_getting_records_ahead_is_sought_back_now_and_then() -> None:
+    """Records ahead of the one needed: the worker seeks the partition back at once, then again only every
+    SEEK_AGAIN_S while they keep coming (records fetched before a seek can still arrive after it), and
+    anew once the needed record came. A restored state remembers where its snapshot left off, so the
+    worker can tell faust the records before it are done."""
+    state = PartitionState.restore(0, 10_000, RULES, {"next_offset": 5}, [], {})
+    assert state.restored_offset == 5
+    assert state.place(9, now=0.0, committed=3) == 1 and state.seek_due(0.0)
+    assert state.place(10, now=0.01, committed=3) == 1 and not state.seek_due(0.01)
+    assert state.place(11, now=SEEK_AGAIN_S, committed=3) == 1 and state.seek_due(SEEK_AGAIN_S)
+    assert state.place(5, now=0.3, committed=3) == 0 and state.missed is None
+    state.hold("record-5", 5, -1)
+    assert state.place(8, now=0.31, committed=3) == 1 and state.seek_due(0.31)  # a new run of early records
 
 
 def test_records_committed_unseen_are_gone_without_stalling_anyone() -> None:

@@ -24,7 +24,7 @@ from heartbeat_registry.hbreg.bench.common import metric, wait_worker
 from heartbeat_registry.pb import hb
 from processors.faust_adapter import FETCH_MAX_WAIT_MS, seek_back
 from tests import procs
-from tests.kafka_helpers import eventually
+from tests.kafka_helpers import committed_and_end, eventually
 
 pytestmark = pytest.mark.kafka
 
@@ -55,20 +55,6 @@ async def produce(settings: Settings, records: list[tuple[int, bytes]]) -> None:
 def healthz(settings: Settings) -> dict:
     with urllib.request.urlopen(f"http://{settings.worker_web_addr}/healthz", timeout=5) as response:
         return json.load(response)
-
-
-async def committed_and_end(settings: Settings, partition: int) -> tuple[int | None, int]:
-    tp = TopicPartition(Names.of(settings).heartbeats_topic, partition)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        enable_auto_commit=False,
-        group_id=Names.of(settings).processors_app_id,
-    )
-    await consumer.start()
-    try:
-        return await consumer.committed(tp), (await consumer.end_offsets([tp]))[tp]
-    finally:
-        await consumer.stop()
 
 
 async def last_value(settings: Settings, topic: str, key: bytes) -> dict | None:
