@@ -39,8 +39,9 @@ And one more on the consumer:
    offset. The "gap" then holds records the worker had not folded in or still held, so faust could
    commit past them, and the duplicates it added to its list of acknowledged offsets broke its run of
    consecutive offsets: measured, the restarted worker's commits crept one or two offsets a second
-   behind a head thousands ahead. The worker reports the holes it finds itself (`add_gap`), once
-   `PartitionState.place()` gave up waiting for the records.
+   behind a head thousands ahead. The worker reports the offsets faust may count as done itself
+   (`add_gap`): those a restored snapshot already holds, and those `PartitionState.place()` gave up
+   waiting for.
 
 faust's public API covers the rest (tables, `stream.noack()`, `event.ack()`, `Consumer.seek_wait`,
 timers, pages).
