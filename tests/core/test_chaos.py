@@ -63,6 +63,24 @@ def test_availability_counts_the_run_only_and_splits_late_replies() -> None:
     assert late["after_ingest_s_p50_p99"] == [0.3, 0.3]
 
 
+def test_misses_are_blamed_on_the_one_fault_in_effect() -> None:
+    """From a second before a fault until a second after its recovery, by the single fault (two faults of
+    the same kind and target are told apart by when they came)."""
+    from heartbeat_registry.hbreg.chaos.faults import Fault
+
+    first = Fault("partition", "ingest.1-redis", 20.0, 10.0, start_ms=20_000, end_ms=30_000, recovery_s=0.5)
+    again = Fault("partition", "ingest.1-redis", 40.0, 10.0, start_ms=40_000, end_ms=50_000, recovery_s=None)
+    blame = verdict.blamer([first, again])
+    assert [blame(at) for at in (18_999, 19_000, 31_500, 31_501, 39_000, 51_000)] == [
+        "none",
+        "partition ingest.1-redis at 20 s",
+        "partition ingest.1-redis at 20 s",
+        "none",
+        "partition ingest.1-redis at 40 s",
+        "partition ingest.1-redis at 40 s",
+    ]
+
+
 @pytest.mark.kafka
 @pytest.mark.slow
 @pytest.mark.timeout(DURATION_S + 600)
@@ -83,6 +101,8 @@ def test_five_minute_soak_meets_its_goals(tmp_path) -> None:
     assert len(result["faults"]) >= 16 and all(f["end"] >= f["start"] > 0 for f in result["faults"])
     assert result["killed_agents"] > 0 and result["reassignments"] >= result["killed_agents"]
     assert result["acked"] > DURATION_S * AGENTS * 0.8 and result["windows_checked"] > 0
+    blamed = sum(n for cause, n in result["missed_by_fault"].items() if cause != "none")
+    assert sum(f["missed"] for f in result["faults"]) == blamed  # each fault's own share, summed
     # every goal of the soak, availability (>= 0.999 of the heartbeats acknowledged within 1 s) included
     shown = json.dumps({k: v for k, v in result.items() if k != "faults"}, indent=1)
     assert result["failed_goals"] == [], shown

@@ -42,6 +42,11 @@ class Fault:
     end_ms: int = 0  # wall clock, when the component was back
     recovery_s: float | None = None  # from `end_ms` until the affected stage worked again; None: never
 
+    @property
+    def label(self) -> str:
+        """How the verdict names this one fault (`missed_by_fault`, `false_stalls_by_fault`)."""
+        return f"{self.kind} {self.target} at {self.at_s:.0f} s"
+
     def summary(self) -> dict[str, Any]:
         return {
             "kind": self.kind,

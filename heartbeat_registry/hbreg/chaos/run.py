@@ -330,20 +330,21 @@ def judge(history: History, duration_s: float, seed: int) -> dict[str, Any]:
         if (found := verdict.two_unfenced_owners(history.running_beats.get(task, []), record.get("history", [])))
     }
     recoveries = [f.recovery_s for f in history.plan]
+    available = verdict.availability(
+        agents,
+        INTERVAL_S,
+        JITTER,
+        lambda at: blame(int(at * 1000 + offset_ms)),
+        fleet.recorder.wall_offset,
+        history.run_until,
+    )
     out: dict[str, Any] = {
         "seed": seed,
         "duration_s": duration_s,
         "agents": len(fleet.ids),
         "interval_s": INTERVAL_S,
         "stall_timeout_s": STALL_TIMEOUT_S,
-        **verdict.availability(
-            agents,
-            INTERVAL_S,
-            JITTER,
-            lambda at: blame(int(at * 1000 + offset_ms)),
-            fleet.recorder.wall_offset,
-            history.run_until,
-        ),
+        **available,
         "acked": len(acked),
         "acked_lost": lost_redis + lost_kafka + lost_windows,
         "acked_lost_by_stage": {"redis": lost_redis, "kafka": lost_kafka, "windows": lost_windows},
@@ -362,7 +363,8 @@ def judge(history: History, duration_s: float, seed: int) -> dict[str, Any]:
         "lost_task_records": {t: history.tasks.get(t) for t in lost_tasks[:5]},
         "unfenced_overlaps": len(overlaps),
         **verdict.alerts(history.events, history.alerts),
-        "faults": [f.summary() for f in history.plan],
+        # each fault with the heartbeats missed under it
+        "faults": [{**f.summary(), "missed": available["missed_by_fault"].get(f.label, 0)} for f in history.plan],
         "max_recovery_s": None
         if any(r is None for r in recoveries)
         else round(max((r for r in recoveries if r is not None), default=0.0), 2),

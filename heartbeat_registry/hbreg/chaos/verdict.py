@@ -157,14 +157,14 @@ def detection(
 
 
 def blamer(faults: Sequence[Any]) -> Callable[[int], str]:
-    """wall ms -> the fault (`kind target`) in effect then, from a second before it until a second after
-    its recovery; `none` outside every fault."""
+    """wall ms -> the fault (its `label`: kind, target and when) in effect then, from a second before it
+    until a second after its recovery; `none` outside every fault."""
 
     def blame(at_ms: int) -> str:
         for fault in faults:
             recovered = fault.end_ms + int((fault.recovery_s or 0.0) * 1000)
             if fault.start_ms - 1000 <= at_ms <= recovered + 1000:
-                return f"{fault.kind} {fault.target}"
+                return str(fault.label)
         return "none"
 
     return blame
