@@ -172,10 +172,13 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
         """A partition this worker keeps keeps its state: faust seeks back to the committed offset, and
         `place()` skips what the state already holds (it may also hand over records from before the seek,
         or none again when nothing was committed yet: both simply continue the state). A partition it
-        lost is dropped; one it gains is built from the tables when its first record comes."""
+        lost is dropped; one it gains is built from the tables when its first record comes. faust forgot
+        the acknowledgements of the kept ones since its last commit (`settle`)."""
         mine = sorted(tp.partition for tp in assigned if tp.topic == heartbeats.get_topic_name())
         for partition in set(states) - set(mine):
             del states[partition]
+        for state in states.values():
+            state.settle()
         log.info("partitions assigned", extra={"partitions": ",".join(map(str, mine))})
 
     async def emit(event: hb.AgentEvent) -> None:
@@ -191,17 +194,17 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
         offset = event.message.offset
         tp = event.message.tp
         committed = faust_adapter.committed_offset(app, tp)
-        if state.restored_offset is not None and committed is not None:
-            if committed < state.restored_offset:  # in the tables, never acknowledged (partition.py)
-                await faust_adapter.consumer(app).add_gap(tp, committed, state.restored_offset - 1)
-            state.restored_offset = None
+        if state.settled_until is not None and committed is not None:
+            if committed < state.settled_until:  # in the tables, not acknowledged in faust's eyes (partition.py)
+                await faust_adapter.consumer(app).add_gap(tp, committed, state.settled_until - 1)
+            state.settled_until = None
         place = state.place(offset, now, committed)
         if place < 0:
             return  # delivered again after a seek back: folded in already
         if place > 0:
             metrics.WORKER_EARLY.inc()
             if state.seek_due(now):
-                await seek_back(tp, state.next_offset)
+                await refetch(tp, state.next_offset)
             return
         if state.missed:
             first, last = state.missed
@@ -251,10 +254,12 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
         if ready or state.written_until != written or events:
             # before the acknowledgements: the commit that follows them flushes this first
             snapshots[f"p{partition}"] = state.snapshot_meta()
+        consumer = faust_adapter.consumer(app)
         for record in ready:
+            consumer.release(record.message)  # hook 6: only these acknowledgements count
             await manual.ack(record)
 
-    async def seek_back(tp: Any, offset: int) -> None:
+    async def refetch(tp: Any, offset: int) -> None:
         """Fetch `tp` again from `offset`, the record its state needs (processors/partition.py)."""
         metrics.WORKER_SEEKS.inc()
         log.info(

@@ -29,7 +29,7 @@ And one on the app's table manager (faust's public `TableManager` setting, `crea
    under the 2,000-agent chaos soak a killed worker's recovery went from 4.7-5.6 s to 3.7-4.9 s.
    `TableManager.on_start` does the rest of faust's `on_start` (`_update_channels`, then recovery).
 
-And one more on the consumer:
+And two more on the consumer:
 
 5. No gaps of faust's guessing (`Consumer._add_gap`). faust takes any record more than one offset past
    the last one it delivered for a hole in the log (compaction, transaction markers) and counts the
@@ -42,6 +42,14 @@ And one more on the consumer:
    behind a head thousands ahead. The worker reports the offsets faust may count as done itself
    (`add_gap`): those a restored snapshot already holds, and those `PartitionState.place()` gave up
    waiting for.
+
+6. Only the worker's own acknowledgements count (`Consumer.ack`). faust's stream also acknowledges the
+   records it skips itself, those delivered while the group rebalances (an old generation, or flow
+   control off), which the worker never saw. When they followed the committed offset, faust committed
+   past them: a crash then lost them for good, and a live worker went on without them
+   (`PartitionState.place`'s committed-unseen case) though they were still in Kafka. The worker marks
+   each record it releases (`release`), after its windows are written; any other acknowledgement of a
+   record is not taken, and the record comes again after a seek.
 
 faust's public API covers the rest (tables, `stream.noack()`, `event.ack()`, `Consumer.seek_wait`,
 timers, pages).
@@ -84,6 +92,7 @@ def verify(allow_untested: bool) -> None:
             (driver.AIOKafkaConsumerThread, "_ensure_consumer"),
             (driver.Consumer, "_new_consumer_thread"),
             (driver.Consumer, "_add_gap"),
+            (driver.Consumer, "ack"),
             (tables.TableManager, "_update_channels"),
         )
         if not hasattr(owner, name)
@@ -129,6 +138,22 @@ class ConsumerThread(driver.AIOKafkaConsumerThread):
 
 
 class Consumer(driver.Consumer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._released: set[tuple[Any, int]] = set()  # (tp, offset) the worker acknowledges next
+
+    def release(self, message: Any) -> None:
+        """The worker's acknowledgement of `message` follows: let it count (hook 6)."""
+        self._released.add((message.tp, message.offset))
+
+    def ack(self, message: Any) -> bool:
+        """Hook 6: an acknowledgement the worker did not release is not taken."""
+        key = (message.tp, message.offset)
+        if key not in self._released:
+            return False
+        self._released.discard(key)
+        return bool(super().ack(message))
+
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 

@@ -37,19 +37,20 @@ offset: already folded in) and records ahead of it from the one it needs. Foldin
 first would move the pipeline clock past every agent whose beats sit in the records in between, and
 stall them all.
 
-A state restored from a snapshot written after the last commit (the snapshot meta is written before
-the acknowledgements, faust commits them once a second) holds records the committed offset does not
-cover. faust commits only an unbroken run of acknowledged offsets from the committed one, and those
-records are not acknowledged again (replays are dropped), so the worker tells faust they are done
-(`restored_offset`, reported as a gap once faust knows the committed offset); without that, the
-partition never committed again.
+faust commits only an unbroken run of acknowledged offsets from the committed one, and replays are
+dropped here, not acknowledged again. So records the tables hold but the committed offset does not
+cover would stop that partition's commits for good: a state restored from a snapshot written after
+the last commit (the snapshot meta is written before the acknowledgements, faust commits once a
+second), and a state kept through a rebalance, whose acknowledgements since the last commit faust
+forgot when it revoked the partition. The worker tells faust those records are done (`settled_until`,
+reported as a gap once faust knows the committed offset).
 
 Records come ahead of the one needed after a rebalance: faust drops records delivered while the group
 rebalances, and records fetched before its seek to the committed offset can arrive after it; faust's
 consumer then drops the records fetched again as older than the newest it delivered, so they would
 never come. While records come ahead, the worker seeks the partition to `next_offset` itself
 (`seek_due`: at once, then every `SEEK_AGAIN_S`). Only if the records still do not come within
-`EARLY_WAIT_S` (deleted by retention while the partition had no worker, or committed by faust unseen)
+`EARLY_WAIT_S` (deleted by retention while the partition had no worker, or committed outside this worker)
 does it go on without them, giving every agent a full deadline from there.
 """
 
@@ -147,8 +148,8 @@ class PartitionState:
         self.missed: tuple[int, int] | None = None  # offsets [from, to) gone on without, not yet reported
         self._early_since: float | None = None  # when records began to come ahead of next_offset
         self._sought_at: float | None = None  # when the partition was last sought back to next_offset
-        # restored: records before this are in the tables, not yet reported to faust as done (Recovery)
-        self.restored_offset: int | None = None
+        # records before this are in the tables, not yet reported to faust as done (Recovery)
+        self.settled_until: int | None = None
         self._held: list[tuple[Any, int, int]] = []  # (faust event, its offset, window start it waits for)
 
     # --- persistence --------------------------------------------------------------------------
@@ -168,7 +169,7 @@ class PartitionState:
         state = cls(partition, window_ms, rules, grace_ms)
         meta = meta or {}
         state.closed_until = meta.get("closed_until", 0)
-        state.next_offset = state.restored_offset = meta.get("next_offset", 0)
+        state.next_offset = state.settled_until = meta.get("next_offset", 0)
         # agents are in the chunks from their first beat on, before any window closed
         agents = (Agent.load(a, d) for chunk in chunks if chunk for a, d in chunk.items())
         state.liveness.restore(agents, meta.get("watermark", 0), meta.get("mass", {}), seen, meta.get("gap_end", 0))
@@ -180,9 +181,17 @@ class PartitionState:
         """Windows ending at or before this are closed and written: their records may be acknowledged."""
         return self.unwritten[0].start if self.unwritten else self.closed_until
 
+    def in_tables_until(self) -> int:
+        """Records before this offset are reflected in the tables (rule 4)."""
+        return self._held[0][1] if self._held else self.next_offset
+
+    def settle(self) -> None:
+        """Kept through a rebalance: faust forgot the acknowledgements since its last commit (Recovery)."""
+        self.settled_until = self.in_tables_until()
+
     def snapshot_meta(self) -> dict[str, Any]:
         return {
-            "next_offset": self._held[0][1] if self._held else self.next_offset,
+            "next_offset": self.in_tables_until(),
             "closed_until": self.written_until,
             "watermark": self.liveness.watermark,
             "mass": {str(k): sorted(v) for k, v in self.liveness.mass.items()},
@@ -302,9 +311,9 @@ class PartitionState:
         """-1: already folded in; 0: fold it in now; 1: early, drop it.
 
         `now`: a monotonic clock; `committed`: the partition's committed offset as the consumer last
-        sought to or committed it (None during a rebalance). faust also acknowledges records it
-        discards itself (fetched in a previous consumer generation), so the committed offset can pass
-        records this state never saw: they will not come again, and it goes on without them."""
+        sought to or committed it (None during a rebalance). Should it have passed records this state
+        never saw (only the worker's own acknowledgements count, faust_adapter.py hook 6, so that takes
+        a commit made outside this worker), they will not come again, and it goes on without them."""
         if offset < self.next_offset:
             return -1
         if offset > self.next_offset:

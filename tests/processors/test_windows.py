@@ -184,7 +184,7 @@ def test_a_partition_getting_records_ahead_is_sought_back_now_and_then() -> None
     anew once the needed record came. A restored state remembers where its snapshot left off, so the
     worker can tell faust the records before it are done."""
     state = PartitionState.restore(0, 10_000, RULES, {"next_offset": 5}, [], {})
-    assert state.restored_offset == 5
+    assert state.settled_until == 5
     assert state.place(9, now=0.0, committed=3) == 1 and state.seek_due(0.0)
     assert state.place(10, now=0.01, committed=3) == 1 and not state.seek_due(0.01)
     assert state.place(11, now=SEEK_AGAIN_S, committed=3) == 1 and state.seek_due(SEEK_AGAIN_S)

@@ -257,3 +257,31 @@ async def test_the_table_manager_starts_without_faust_s_one_second_sleep(
     steps.clear()
     await tables.TableManager.on_start(manager)
     assert steps == ["sleep 1.0", "channels", "recovery"]
+
+
+async def test_only_the_worker_s_own_acknowledgements_count(
+    pipeline_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hook 6: faust's stream acknowledges the records it skips during a rebalance, which the worker never
+    saw; the consumer takes an acknowledgement only for a record the worker released (its windows
+    written). faust's own consumer takes any (the positive control)."""
+    from faust.transport.drivers import aiokafka as driver
+    from faust.types.tuples import TP, Message
+
+    from processors import faust_adapter
+    from processors.app import create_app
+
+    app, _ = create_app(pipeline_settings)
+    consumer = faust_adapter.consumer(app)
+    monkeypatch.setattr(app.topics, "acks_enabled_for", lambda topic: True)  # as once the agent subscribed
+    topic = Names.of(pipeline_settings).heartbeats_topic
+
+    def record(offset: int) -> Message:
+        return Message(topic, 0, offset, 0.0, 0, None, b"", b"", None)
+
+    assert driver.Consumer.ack(consumer, record(0))
+    assert not consumer.ack(record(1))  # skipped by faust's stream
+    released = record(1)
+    consumer.release(released)
+    assert consumer.ack(released)
+    assert sorted(consumer._acked[TP(topic, 0)]) == [0, 1]
