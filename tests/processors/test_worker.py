@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 
+import faust
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -211,6 +212,19 @@ async def test_seek_back_rewinds_partitions_with_nothing_committed(pipeline_sett
         await consumer.stop()
 
 
+_apps: list[faust.App] = []
+
+
+def worker_app(settings: Settings) -> faust.App:
+    """The worker's app in-process, made once per test session: faust registers its Prometheus metrics
+    in the process's registry, so a second app would fail to."""
+    if not _apps:
+        from processors.app import create_app
+
+        _apps.append(create_app(settings)[0])
+    return _apps[0]
+
+
 def test_untested_library_versions_are_refused_in_one_line(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
     from processors import faust_adapter
 
@@ -233,10 +247,8 @@ async def test_the_table_manager_starts_without_faust_s_one_second_sleep(
     from faust import tables
 
     from processors import faust_adapter
-    from processors.app import create_app
 
-    app, _ = create_app(pipeline_settings)
-    manager = app.tables
+    manager = worker_app(pipeline_settings).tables
     assert isinstance(manager, faust_adapter.TableManager)
     steps: list[str] = []
 
@@ -269,12 +281,11 @@ async def test_only_the_worker_s_own_acknowledgements_count(
     from faust.types.tuples import TP, Message
 
     from processors import faust_adapter
-    from processors.app import create_app
 
-    app, _ = create_app(pipeline_settings)
+    app = worker_app(pipeline_settings)
     consumer = faust_adapter.consumer(app)
     monkeypatch.setattr(app.topics, "acks_enabled_for", lambda topic: True)  # as once the agent subscribed
-    topic = Names.of(pipeline_settings).heartbeats_topic
+    topic = "heartbeats"
 
     def record(offset: int) -> Message:
         return Message(topic, 0, offset, 0.0, 0, None, b"", b"", None)
