@@ -193,10 +193,11 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
         now = last_record[partition] = time.monotonic()
         offset = event.message.offset
         tp = event.message.tp
-        committed = faust_adapter.committed_offset(app, tp)
+        consumer = faust_adapter.consumer(app)
+        committed = consumer.committed_offset(tp)
         if state.settled_until is not None and committed is not None:
             if committed < state.settled_until:  # in the tables, not acknowledged in faust's eyes (partition.py)
-                await faust_adapter.consumer(app).add_gap(tp, committed, state.settled_until - 1)
+                await consumer.add_gap(tp, committed, state.settled_until - 1)
             state.settled_until = None
         place = state.place(offset, now, committed)
         if place < 0:
@@ -209,7 +210,7 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
         if state.missed:
             first, last = state.missed
             state.missed = None
-            await faust_adapter.consumer(app).add_gap(tp, first, last - 1)
+            await consumer.add_gap(tp, first, last - 1)
             metrics.WORKER_MISSED.inc(last - first)
             log.warning(
                 "records skipped: committed or gone before this worker saw them",
@@ -254,7 +255,6 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
         if ready or state.written_until != written or events:
             # before the acknowledgements: the commit that follows them flushes this first
             snapshots[f"p{partition}"] = state.snapshot_meta()
-        consumer = faust_adapter.consumer(app)
         for record in ready:
             consumer.release(record.message)  # hook 6: only these acknowledgements count
             await manual.ack(record)
@@ -369,7 +369,7 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
         body = {
             "ok": status.fatal is None,
             "partitions": [tp.partition for tp in owned],
-            "committed": {str(tp.partition): faust_adapter.committed_offset(app, tp) for tp in owned},
+            "committed": {str(tp.partition): faust_adapter.consumer(app).committed_offset(tp) for tp in owned},
         }
         if status.fatal is not None:
             body["error"] = status.fatal

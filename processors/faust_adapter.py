@@ -195,10 +195,6 @@ def consumer(app: faust.App) -> Consumer:
     return found
 
 
-def committed_offset(app: faust.App, tp: Any) -> int | None:
-    return consumer(app).committed_offset(tp)
-
-
 def fetch_max_wait_ms(app: faust.App) -> int | None:
     """The fetch wait the running consumer's fetcher actually uses (None before it started): the worker
     logs it once, so a hook that stopped taking effect shows."""

@@ -169,7 +169,8 @@ class PartitionState:
         state = cls(partition, window_ms, rules, grace_ms)
         meta = meta or {}
         state.closed_until = meta.get("closed_until", 0)
-        state.next_offset = state.settled_until = meta.get("next_offset", 0)
+        state.next_offset = meta.get("next_offset", 0)
+        state.settle()  # the snapshot's records are in the tables; the commit may be behind them
         # agents are in the chunks from their first beat on, before any window closed
         agents = (Agent.load(a, d) for chunk in chunks if chunk for a, d in chunk.items())
         state.liveness.restore(agents, meta.get("watermark", 0), meta.get("mass", {}), seen, meta.get("gap_end", 0))
@@ -186,7 +187,8 @@ class PartitionState:
         return self._held[0][1] if self._held else self.next_offset
 
     def settle(self) -> None:
-        """Kept through a rebalance: faust forgot the acknowledgements since its last commit (Recovery)."""
+        """Restored, or kept through a rebalance: faust's committed offset may be behind what the tables
+        hold, and it does not know those records are done (Recovery)."""
         self.settled_until = self.in_tables_until()
 
     def snapshot_meta(self) -> dict[str, Any]:

@@ -194,9 +194,9 @@ def test_a_partition_getting_records_ahead_is_sought_back_now_and_then() -> None
 
 
 def test_records_committed_unseen_are_gone_without_stalling_anyone() -> None:
-    """faust acknowledges records it discards itself after a rebalance, so the committed offset can pass
-    records the state never saw. It goes on at once, and agents whose beats may sit in them get a full
-    deadline from there instead of being judged on the gap."""
+    """A commit made outside this worker can pass records the state never saw (the worker's own
+    acknowledgements cannot: faust_adapter.py hook 6). It goes on at once, and agents whose beats may sit
+    in them get a full deadline from there instead of being judged on the gap."""
     rules = Rules(timeout_ms=2000)
     state = PartitionState(0, window_ms=10_000, rules=rules)
     state.add(cols([("a", 1000), ("b", 1000)], 1000))
