@@ -102,6 +102,15 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
         # every in-sync replica (faust's default, said here because a record acknowledged by the leader
         # alone is lost when that broker dies)
         topic_replication_factor=settings.kafka_replication_factor,
+        # No standby replicas of the tables. With faust's default (one), every worker also consumes the
+        # other workers' changelogs all the time, for a head start only when it takes over partitions
+        # after a session timeout; a worker restarted under its own name reads its changelogs anyway.
+        # And a rebalance that turned standby changelog partitions active could hang faust's recovery:
+        # the records fetched for them as standbys, after recovery sought them back, were dropped while
+        # flow was stopped, and recovery waited for them for good (the worker took no record of its new
+        # partitions and committed nothing; found by tests/processors/test_crash.py and test_detection.py
+        # in CI, "No event received for active tp" in faust's recovery log).
+        table_standby_replicas=0,
         producer_acks=-1,
         datadir=str(datadir),
         TableManager=faust_adapter.TableManager,  # hook 4: no 1 s sleep before the first subscription
