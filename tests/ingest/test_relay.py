@@ -61,7 +61,13 @@ def socket_dir() -> Iterator[str]:
 
 
 @pytest.fixture
-def settings(settings: Settings, socket_dir: str) -> Settings:
+def relay_flush() -> float:
+    """How long the relay gathers beats into one batch; a test that needs many in one sets more."""
+    return 0.02
+
+
+@pytest.fixture
+def settings(settings: Settings, socket_dir: str, relay_flush: float) -> Settings:
     """The package's settings with auth on and a relay: conftest's `ingest` serves these."""
     return dataclasses.replace(
         settings,
@@ -69,7 +75,7 @@ def settings(settings: Settings, socket_dir: str) -> Settings:
         auth_secret=SECRET,
         relay_addr=f"unix://{socket_dir}/relay.sock",
         relay_token=relay_token(),
-        relay_flush=0.02,
+        relay_flush=relay_flush,
         relay_metrics_addr=f"127.0.0.1:{services.free_port()}",
     )
 
@@ -147,6 +153,8 @@ async def test_many_agents_each_get_their_own_reply_and_directives(
     assert 1 <= sample("hbreg_relay_batches_total") - batches <= 20, "the relay did not batch"
 
 
+# 22 concurrent calls did not all reach the relay within 20 ms on a loaded CI machine (two batches)
+@pytest.mark.parametrize("relay_flush", [0.5])
 async def test_a_bad_heartbeat_and_a_foreign_agent_are_refused_alone(
     agents: hb_grpc.HeartbeatServiceStub, redis: aioredis.Redis, settings: Settings
 ) -> None:
