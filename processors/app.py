@@ -106,10 +106,10 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
         # other workers' changelogs all the time, for a head start only when it takes over partitions
         # after a session timeout; a worker restarted under its own name reads its changelogs anyway.
         # And a rebalance that turned standby changelog partitions active could hang faust's recovery:
-        # the records fetched for them as standbys, after recovery sought them back, were dropped while
-        # flow was stopped, and recovery waited for them for good (the worker took no record of its new
-        # partitions and committed nothing; found by tests/processors/test_crash.py and test_detection.py
-        # in CI, "No event received for active tp" in faust's recovery log).
+        # it sought them back to their start and waited for good for records it never got (the worker
+        # took no record of its partitions and committed nothing; found by tests/processors/test_crash.py
+        # and test_detection.py in CI, "No event received for active tp" in faust's recovery log; which
+        # of faust's drops of fetched records took them, its log does not say: docs/reliability.md).
         table_standby_replicas=0,
         producer_acks=-1,
         datadir=str(datadir),
