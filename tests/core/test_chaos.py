@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -79,6 +81,43 @@ def test_misses_are_blamed_on_the_one_fault_in_effect() -> None:
         "partition ingest.1-redis at 40 s",
         "partition ingest.1-redis at 40 s",
     ]
+
+
+def test_a_false_stall_carries_its_agent_s_beats_around_the_silence() -> None:
+    """The beats sent from a second before the agent's last stored beat until the stall, with how long
+    each took to be acknowledged (None: never), so a report tells an unheard agent from a lost beat."""
+    from heartbeat_registry.hbreg.chaos.fleet import Record
+
+    record = Record()
+    for at, rtt in ((0.0, 0.1), (1.0, 0.2), (2.0, math.nan), (3.0, math.nan), (9.0, 0.1)):
+        record.sent.append(at)
+        record.rtt.append(rtt)
+        record.received.append(0)
+    details = [{"agent": "a", "reason": "silent", "last_seen": 101_200, "detected": 106_200}, {"agent": "x"}]
+    details[1].update(last_seen=0, detected=0)
+    verdict.beats_around({"a": record}, details, wall_offset=100.0)
+    assert details[0]["beats"] == [
+        {"seq": 2, "sent": 101_000, "acked_in_s": 0.2},
+        {"seq": 3, "sent": 102_000, "acked_in_s": None},
+        {"seq": 4, "sent": 103_000, "acked_in_s": None},
+    ]
+    assert "beats" not in details[1]  # not an agent of the fleet
+
+
+def test_the_logs_are_kept_when_a_promise_other_than_availability_breaks(tmp_path) -> None:
+    from heartbeat_registry.hbreg.chaos.run import keep_logs
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "worker.1.log").write_text("the worker's lines")
+    assert keep_logs({"failed_goals": []}, logs) is None
+    assert keep_logs({"failed_goals": ["availability: 0.95 (goal >= 0.999)"]}, logs) is None
+    kept = keep_logs({"failed_goals": ["availability: 0.95 (goal >= 0.999)", "missed_stalls: 52 (goal <= 0)"]}, logs)
+    assert kept is not None
+    try:
+        assert (pathlib.Path(kept) / "worker.1.log").read_text() == "the worker's lines"
+    finally:
+        shutil.rmtree(kept)
 
 
 @pytest.mark.kafka

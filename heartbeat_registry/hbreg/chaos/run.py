@@ -14,8 +14,10 @@ import dataclasses
 import gc
 import logging
 import pathlib
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -320,6 +322,7 @@ def judge(history: History, duration_s: float, seed: int) -> dict[str, Any]:
     blame = verdict.blamer(history.plan)
     offset_ms = fleet.recorder.wall_offset * 1000
     detection = verdict.detection(history.events, set(fleet.ids), killed, set(troubles.hung), blame)
+    verdict.beats_around(agents, detection["false_stall_details"], fleet.recorder.wall_offset)
     # every task runs at the end, and not on a killed agent
     lost_tasks = sorted(
         t for t in fleet.tasks.values() if t not in history.running or history.running[t].get("owner") in killed
@@ -438,7 +441,20 @@ def run(duration_s: float, agents: int, seed: int, keep: str | None = None) -> d
             "total_s": round(sum(pauses), 2),
             "max_ms": round(max(pauses, default=0.0) * 1000, 1),
         }
+        result["logs"] = str(workdir / "logs") if keep else keep_logs(result, workdir / "logs")
         return result
+
+
+def keep_logs(result: dict[str, Any], logs: pathlib.Path) -> str | None:
+    """A copy of every process's log, in a new temporary folder, when the run broke a promise other than
+    availability (which this machine's cores bound): such a run is rare and its logs are all there is to
+    find the cause by (a run whose pipeline stopped for good went without them). None otherwise; the
+    data (Valkey's, Kafka's) goes with the working folder either way."""
+    if all(goal.startswith("availability") for goal in result["failed_goals"]):
+        return None
+    kept = tempfile.mkdtemp(prefix="hbreg-chaos-logs-")
+    shutil.copytree(logs, kept, dirs_exist_ok=True)
+    return kept
 
 
 def text(result: dict[str, Any]) -> str:
@@ -462,6 +478,8 @@ def text(result: dict[str, Any]) -> str:
     ]
     if result["crashes"]:
         lines.append(f"crashes: {result['crashes']}")
+    if result.get("logs"):
+        lines.append(f"logs: {result['logs']}")
     lines.append(
         "goals: " + ("all met" if not result["failed_goals"] else "MISSED " + "; ".join(result["failed_goals"]))
     )

@@ -156,6 +156,23 @@ def detection(
     }
 
 
+def beats_around(agents: dict[str, Any], details: list[dict[str, Any]], wall_offset: float) -> None:
+    """Add to each false stall (`false_stall_details`) its agent's beats sent from a second before its
+    last stored beat until the stall: when each was sent (wall ms), and the seconds to its reply (None:
+    never acknowledged). Beats sent but never acknowledged: the system did not hear the agent (an
+    overloaded or cut-off ingest). A beat acknowledged in between: the pipeline lost or misjudged it."""
+    for detail in details:
+        record = agents.get(detail["agent"])
+        if record is None:
+            continue
+        since, until = detail["last_seen"] - 1000, detail["detected"]
+        detail["beats"] = [
+            {"seq": index + 1, "sent": sent, "acked_in_s": None if math.isnan(rtt) else round(rtt, 3)}
+            for index, (at, rtt) in enumerate(zip(record.sent, record.rtt, strict=True))
+            if since <= (sent := int((at + wall_offset) * 1000)) <= until
+        ]
+
+
 def blamer(faults: Sequence[Any]) -> Callable[[int], str]:
     """wall ms -> the fault (its `label`: kind, target and when) in effect then, from a second before it
     until a second after its recovery; `none` outside every fault."""
