@@ -44,6 +44,7 @@ from processors import faust_adapter, metrics
 from processors.liveness import rules_of
 from processors.partition import SNAPSHOT_CHUNKS, PartitionState
 from processors.publish import QueryStore
+from processors.recovery_watch import RecoveryWatch
 
 log = logging.getLogger(__name__)
 PUBLISH_EVERY_S = 0.1
@@ -331,6 +332,20 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
             await store.publish(states)
         except Exception as exc:  # the query store is a view: detection goes on without it
             log.warning("publishing to the query store failed", extra={"error": repr(exc)})
+
+    recovery_watch = RecoveryWatch()
+
+    @app.timer(1.0)
+    async def watch_recovery() -> None:
+        recovery = cast(Any, app.tables).recovery  # faust's TableManager has one; its interface type does not
+        remaining = recovery.active_remaining_total()
+        if status.fatal is None and recovery_watch.stuck(recovery.in_recovery, remaining, time.monotonic()):
+            fail(
+                RuntimeError(
+                    f"table recovery read none of its {remaining} changelog records left for "
+                    f"{recovery_watch.limit_s:.0f} s; started again, the worker reads them afresh"
+                )
+            )
 
     @app.timer(LAG_CHECK_EVERY_S)
     async def watch_lag() -> None:
