@@ -177,6 +177,8 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
             metrics.WORKER_AGENTS.set(sum(len(s.liveness.agents) for s in states.values()))
         return state
 
+    watching: list[asyncio.Future[None]] = []  # the recovery watch, once started
+
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # faust's receiver type is stricter than its calls
     async def on_assigned(sender: Any, assigned: set[Any], **_: Any) -> None:
         """A partition this worker keeps keeps its state: faust seeks back to the committed offset, and
@@ -184,6 +186,8 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
         or none again when nothing was committed yet: both simply continue the state). A partition it
         lost is dropped; one it gains is built from the tables when its first record comes. faust forgot
         the acknowledgements of the kept ones since its last commit (`settle`)."""
+        if not watching:
+            watching.append(app.add_future(watch_recovery()))  # stopped with the app
         mine = sorted(tp.partition for tp in assigned if tp.topic == heartbeats.get_topic_name())
         for partition in set(states) - set(mine):
             del states[partition]
@@ -333,19 +337,21 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
         except Exception as exc:  # the query store is a view: detection goes on without it
             log.warning("publishing to the query store failed", extra={"error": repr(exc)})
 
-    recovery_watch = RecoveryWatch()
-
-    @app.timer(1.0)
     async def watch_recovery() -> None:
+        """Every second, from the first assignment on, whether faust's table recovery is stuck (not an
+        `app.timer`: faust starts those only once the first recovery is done, and that one can stick too)."""
+        watch = RecoveryWatch()
         recovery = cast(Any, app.tables).recovery  # faust's TableManager has one; its interface type does not
-        remaining = recovery.active_remaining_total()
-        if status.fatal is None and recovery_watch.stuck(recovery.in_recovery, remaining, time.monotonic()):
-            fail(
-                RuntimeError(
-                    f"table recovery read none of its {remaining} changelog records left for "
-                    f"{recovery_watch.limit_s:.0f} s; started again, the worker reads them afresh"
+        while status.fatal is None:
+            await asyncio.sleep(1.0)
+            remaining = recovery.active_remaining_total()
+            if watch.stuck(recovery.in_recovery, remaining, time.monotonic()):
+                fail(
+                    RuntimeError(
+                        f"table recovery read no changelog record for {watch.limit_s:.0f} s with {remaining} "
+                        "left; started again, the worker reads them afresh"
+                    )
                 )
-            )
 
     @app.timer(LAG_CHECK_EVERY_S)
     async def watch_lag() -> None:

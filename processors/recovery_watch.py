@@ -10,7 +10,9 @@ joined (2 of 33 one-minute runs of 2,000 agents: every stall on its partitions a
 Which of the drops of fetched records in faust's consumer takes them, its log does not say; a worker
 started afresh reads the same changelogs in milliseconds. So a recovery that has records left and reads
 none of them for `limit_s` is a reason to stop: the worker exits non-zero and its supervisor starts it
-again, as after any failure that leaves its state in doubt.
+again, as after any failure that leaves its state in doubt. (A recovery also waits for good on a
+changelog partition that ends in a transaction's marker, an offset no record is delivered at: how the
+test makes one stick.)
 """
 
 from __future__ import annotations
