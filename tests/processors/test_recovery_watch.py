@@ -55,9 +55,8 @@ async def test_a_worker_whose_recovery_reads_nothing_exits_to_be_started_again(p
         )
         await producer.start()
         try:
-            async with (
-                producer.transaction()
-            ):  # a tombstone for a key that never was (JSON, as faust's keys): it changes nothing
+            # a tombstone for a key that never was (JSON, as faust's keys): it changes nothing
+            async with producer.transaction():
                 changelog = f"{Names.of(pipeline_settings).processors_app_id}-snapshots-changelog"
                 await producer.send_and_wait(changelog, key=b'"no-such-key"', value=None, partition=0)
         finally:
