@@ -28,16 +28,33 @@ class Pipeline:
     workers: list[subprocess.Popen]
     query: QueryServer | None
     tmp_path: object
+    launched: dict[int, tuple[Settings, object]] = dataclasses.field(default_factory=dict)  # pid -> (settings, log)
+    restarts: int = 0
 
     async def add_worker(self) -> subprocess.Popen:
         """One more faust worker (the first on the settings' web port, where the dashboard's health looks;
         the others on their own); returns once it owns partitions."""
         addr = self.settings.worker_web_addr if not self.workers else f"127.0.0.1:{services.free_port()}"
         settings = dataclasses.replace(self.settings, worker_web_addr=addr)
-        worker = procs.hbreg(["worker"], settings, self.tmp_path / f"worker{len(self.workers)}.log")
+        log = self.tmp_path / f"worker{len(self.workers)}.log"  # type: ignore[operator]
+        worker = procs.hbreg(["worker"], settings, log)
+        self.launched[worker.pid] = (settings, log)
         self.workers.append(worker)
         await asyncio.to_thread(wait_worker, settings.worker_web_addr, worker, 60)
         return worker
+
+    async def supervise(self) -> None:
+        """Start a worker again, under its own name, once it exits with code 1 on its own, as `hbreg up`
+        and a Deployment do: a worker whose table recovery reads nothing for 10 s exits so
+        (processors/recovery_watch.py). Workers a test stops are out of `workers` first, or end otherwise."""
+        while True:
+            await asyncio.sleep(0.2)
+            for index, worker in enumerate(self.workers):
+                if worker.poll() == 1:
+                    settings, log = self.launched[worker.pid]
+                    self.workers[index] = procs.hbreg(["worker"], settings, log)
+                    self.launched[self.workers[index].pid] = (settings, log)
+                    self.restarts += 1
 
 
 @contextlib.asynccontextmanager
