@@ -44,7 +44,7 @@ from processors import faust_adapter, metrics
 from processors.liveness import rules_of
 from processors.partition import SNAPSHOT_CHUNKS, PartitionState
 from processors.publish import QueryStore
-from processors.recovery_watch import RecoveryWatch
+from processors.recovery_watch import STUCK_ERROR, RecoveryWatch
 
 log = logging.getLogger(__name__)
 PUBLISH_EVERY_S = 0.1
@@ -348,8 +348,8 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
             if watch.stuck(recovery.in_recovery, remaining, time.monotonic()):
                 fail(
                     RuntimeError(
-                        f"table recovery read no changelog record for {watch.limit_s:.0f} s with {remaining} "
-                        "left; started again, the worker reads them afresh"
+                        f"{STUCK_ERROR} for {watch.limit_s:.0f} s with {remaining} left; started again, the "
+                        "worker reads them afresh"
                     )
                 )
 

@@ -18,6 +18,7 @@ test makes one stick.)
 from __future__ import annotations
 
 STUCK_S = 10.0  # a Kafka restart pauses a recovery for a few seconds; a stuck one waits for good
+STUCK_ERROR = "table recovery read no changelog record"  # how the worker's exit says why
 
 
 class RecoveryWatch:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import pathlib
 import subprocess
 from collections.abc import AsyncIterator
 
@@ -15,6 +16,7 @@ from heartbeat_registry.hbreg import services
 from heartbeat_registry.hbreg.bench.common import wait_worker
 from heartbeat_registry.pb import hb_grpc
 from ingest.server import Ingest
+from processors.recovery_watch import STUCK_ERROR
 from sinks.web.server import QueryServer
 from tests import procs
 
@@ -28,7 +30,8 @@ class Pipeline:
     workers: list[subprocess.Popen]
     query: QueryServer | None
     tmp_path: object
-    launched: dict[int, tuple[Settings, object]] = dataclasses.field(default_factory=dict)  # pid -> (settings, log)
+    # pid -> (settings, log, the log's length at the start): what `supervise` starts it again with
+    launched: dict[int, tuple[Settings, pathlib.Path, int]] = dataclasses.field(default_factory=dict)
     restarts: int = 0
 
     async def add_worker(self) -> subprocess.Popen:
@@ -36,25 +39,33 @@ class Pipeline:
         the others on their own); returns once it owns partitions."""
         addr = self.settings.worker_web_addr if not self.workers else f"127.0.0.1:{services.free_port()}"
         settings = dataclasses.replace(self.settings, worker_web_addr=addr)
-        log = self.tmp_path / f"worker{len(self.workers)}.log"  # type: ignore[operator]
-        worker = procs.hbreg(["worker"], settings, log)
-        self.launched[worker.pid] = (settings, log)
+        worker = self._launch(settings, pathlib.Path(str(self.tmp_path)) / f"worker{len(self.workers)}.log")
         self.workers.append(worker)
         await asyncio.to_thread(wait_worker, settings.worker_web_addr, worker, 60)
         return worker
 
     async def supervise(self) -> None:
-        """Start a worker again, under its own name, once it exits with code 1 on its own, as `hbreg up`
-        and a Deployment do: a worker whose table recovery reads nothing for 10 s exits so
-        (processors/recovery_watch.py). Workers a test stops are out of `workers` first, or end otherwise."""
+        """Start a worker again, under its own name, once the recovery watch stopped it (its log says so,
+        processors/recovery_watch.py), as `hbreg up` and a Deployment do. Any other exit stays an exit
+        for the test to see; workers a test stops are out of `workers` first."""
         while True:
             await asyncio.sleep(0.2)
             for index, worker in enumerate(self.workers):
-                if worker.poll() == 1:
-                    settings, log = self.launched[worker.pid]
-                    self.workers[index] = procs.hbreg(["worker"], settings, log)
-                    self.launched[self.workers[index].pid] = (settings, log)
+                if worker.poll() is None:
+                    continue
+                launched = self.launched.pop(worker.pid, None)  # looked at once, when it has just ended
+                if launched is None:
+                    continue
+                settings, log, start = launched
+                if STUCK_ERROR.encode() in log.read_bytes()[start:]:
+                    self.workers[index] = self._launch(settings, log)
                     self.restarts += 1
+
+    def _launch(self, settings: Settings, log: pathlib.Path) -> subprocess.Popen:
+        start = log.stat().st_size if log.exists() else 0
+        worker = procs.hbreg(["worker"], settings, log)
+        self.launched[worker.pid] = (settings, log, start)
+        return worker
 
 
 @contextlib.asynccontextmanager

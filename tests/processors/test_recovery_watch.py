@@ -11,7 +11,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from heartbeat_registry.core.names import Names
-from processors.recovery_watch import STUCK_S, RecoveryWatch
+from processors.recovery_watch import STUCK_ERROR, STUCK_S, RecoveryWatch
 from tests import procs
 from tests.processors.conftest import running_pipeline
 
@@ -71,4 +71,4 @@ async def test_a_worker_whose_recovery_reads_nothing_exits_to_be_started_again(p
             if worker.poll() is None:
                 procs.stop(worker, signal.SIGKILL)
         assert code == 1, log.read_text()[-3000:]
-        assert "table recovery read no changelog record for 10 s with 1 left" in log.read_text()
+        assert f"{STUCK_ERROR} for 10 s with 1 left" in log.read_text()
