@@ -36,6 +36,7 @@ from google.protobuf.message import DecodeError
 
 from heartbeat_registry.beats import now_ms
 from heartbeat_registry.core import redis_client
+from heartbeat_registry.core.events import event_ids_since
 from heartbeat_registry.core.names import Names
 from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.core.topics import Replication
@@ -54,6 +55,10 @@ LAG_CHECK_EVERY_S = 0.25
 QUIET_TICK_S = 0.2
 # changed agents' snapshot chunks are written at most this often per partition (and before any release)
 SNAPSHOT_EVERY_S = 1.0
+# a restored partition checks its events against those sent since its snapshot was saved, less this
+# (the predecessor's clock stepping back in between)
+SENT_BEFORE_MARGIN_MS = 2000
+SENT_BEFORE_TIMEOUT_S = 5.0
 
 
 @dataclasses.dataclass
@@ -66,6 +71,7 @@ class WorkerStatus:
 
 def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
     assert settings.kafka_bootstrap is not None and settings.redis_url is not None
+    bootstrap = settings.kafka_bootstrap
     names = Names.of(settings)
     partitions = settings.topic_partitions
     window_ms = int(settings.window_size * 1000)
@@ -77,7 +83,7 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         names.processors_app_id,
-        broker=[f"kafka://{b.strip()}" for b in settings.kafka_bootstrap.split(",")],
+        broker=[f"kafka://{b.strip()}" for b in bootstrap.split(",")],
         store="memory://",
         topic_partitions=partitions,
         # Records are acknowledged only after the windows they fed were written; on shutdown or
@@ -119,7 +125,7 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
     faust_adapter.install(app)  # before the first topic: faust builds its transport on demand
     heartbeats = app.topic(names.heartbeats_topic, key_serializer="raw", value_serializer="raw", partitions=partitions)
     events_topic = app.topic(names.events_topic, key_serializer="raw", value_serializer="raw", partitions=partitions)
-    # "p<partition>" -> PartitionState.snapshot_meta(); "p<partition>/<chunk>" -> {agent_id: Agent.dump()}
+    # "p<partition>" -> PartitionState.snapshot_meta() and saved_ms; "p<partition>/<chunk>" -> {agent_id: Agent.dump()}
     changelog_configs = Replication.of(settings).configs
     snapshots = app.Table("snapshots", default=dict, partitions=partitions, extra_topic_configs=changelog_configs)
     # tumbling windows; key "p<partition>c<chunk>" -> {agent_id: WindowStats.summary()}. Readers get window
@@ -134,6 +140,8 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
         ),
     )
     states: dict[int, PartitionState] = {}
+    sent_before: dict[int, set[str]] = {}  # partition -> ids of events sent since its snapshot was saved
+    unchecked: set[int] = set()  # partitions gained whose sent events were not read yet (check_sent)
     last_record: dict[int, float] = {}  # partition -> monotonic time its last record was folded in
     last_snapshot: dict[int, float] = {}  # partition -> monotonic time its snapshot chunks were last written
     store = QueryStore(redis_client.connect(settings, socket_timeout=5.0), names, settings.window_retention)
@@ -154,7 +162,7 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
                         seen[agent] = row[4]
         return seen
 
-    def state_of(partition: int) -> PartitionState:
+    async def state_of(partition: int) -> PartitionState:
         state = states.get(partition)
         if state is None:
             meta = snapshots.get(f"p{partition}")
@@ -166,16 +174,44 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
                 seen = last_beats(partition, until - rules.timeout_ms - 2 * window_ms, until)
             state = PartitionState.restore(partition, window_ms, rules, meta, chunks, seen, grace_ms)
             states[partition] = state
+            if partition in unchecked:
+                await check_sent(unchecked)
             log.info(
                 "partition state restored",
                 extra={
                     "partition": partition,
                     "agents": len(state.liveness.agents),
                     "next_offset": state.next_offset,
+                    "sent_before": len(sent_before.get(partition, ())),
                 },
             )
             metrics.WORKER_AGENTS.set(sum(len(s.liveness.agents) for s in states.values()))
         return state
+
+    async def check_sent(partitions: set[int]) -> None:
+        """The previous owner sends a record's events before the snapshot that records them, in another
+        produce request (the events first: a worker killed in between must repeat an event, not lose it).
+        Killed in between, it leaves a snapshot from before those events, and its successor judges the
+        same episodes again, with the same event ids: those sent since the oldest of the gained partitions'
+        snapshots was saved it does not send twice. One read for all partitions an assignment gained, at
+        the first one's first record (their snapshots are recovered by then). Without it (Kafka slow or
+        away), the worker goes on and may repeat an event."""
+        gained = set(partitions)  # an assignment meanwhile may add more, for the next record to check
+        saved = [meta["saved_ms"] for p in gained if "saved_ms" in (meta := snapshots.get(f"p{p}") or {})]
+        ids: set[str] = set()
+        if saved:
+            try:
+                async with asyncio.timeout(SENT_BEFORE_TIMEOUT_S):
+                    ids = await event_ids_since(bootstrap, names.events_topic, min(saved) - SENT_BEFORE_MARGIN_MS)
+            except Exception as exc:
+                log.warning(
+                    "could not read the events sent since the snapshots: one sent just before the previous "
+                    "owner stopped may be sent again",
+                    extra={"error": repr(exc)},
+                )
+        for p in gained:
+            sent_before[p] = ids
+        partitions.difference_update(gained)
 
     watching: list[asyncio.Future[None]] = []  # the recovery watch, once started
 
@@ -191,6 +227,9 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
         mine = sorted(tp.partition for tp in assigned if tp.topic == heartbeats.get_topic_name())
         for partition in set(states) - set(mine):
             del states[partition]
+            sent_before.pop(partition, None)
+        unchecked.intersection_update(mine)
+        unchecked.update(p for p in mine if p not in states)
         for state in states.values():
             state.settle()
         log.info("partitions assigned", extra={"partitions": ",".join(map(str, mine))})
@@ -203,7 +242,7 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
     async def fold(event: Any, manual: Any) -> None:
         """One record: fold it in, write what became final, acknowledge what is safe (partition.py)."""
         partition = event.message.partition
-        state = state_of(partition)
+        state = await state_of(partition)
         now = last_record[partition] = time.monotonic()
         offset = event.message.offset
         tp = event.message.tp
@@ -250,6 +289,10 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
         if state.repeats != repeats:
             metrics.WORKER_REPEATED.inc(state.repeats - repeats)
         for agent_event in events:
+            if agent_event.event_id in sent_before.get(partition, ()):
+                metrics.WORKER_SENT_BEFORE.inc()
+                log.info("not sent again: the previous owner sent it", extra={"event_id": agent_event.event_id})
+                continue
             await emit(agent_event)
         written = state.written_until
         for window, chunk, rows in state.next_window_chunks(WINDOW_CHUNKS_PER_RECORD):
@@ -268,7 +311,7 @@ def create_app(settings: Settings) -> tuple[faust.App, WorkerStatus]:
                 snapshots[f"p{partition}/{chunk}"] = agents
         if ready or state.written_until != written or events:
             # before the acknowledgements: the commit that follows them flushes this first
-            snapshots[f"p{partition}"] = state.snapshot_meta()
+            snapshots[f"p{partition}"] = {**state.snapshot_meta(), "saved_ms": now_ms()}  # saved_ms: check_sent
         for record in ready:
             consumer.release(record.message)  # hook 6: only these acknowledgements count
             await manual.ack(record)

@@ -44,6 +44,11 @@ WORKER_MISSED = Counter(
     "Records a partition went on without: committed by faust before this worker folded them in, or deleted",
 )
 WORKER_EVENTS = Counter("hbreg_worker_events_total", "Events emitted", ["type", "reason"])
+WORKER_SENT_BEFORE = Counter(
+    "hbreg_worker_events_sent_before_total",
+    "Events a partition restored from its snapshot judged again and did not send: its previous owner had "
+    "sent them after that snapshot was saved, and died before saving the next",
+)
 WORKER_AGENTS = Gauge("hbreg_worker_agents", "Agents tracked on this worker's partitions")
 WORKER_WATERMARK_AGE = Gauge("hbreg_worker_watermark_age_seconds", "Wall clock minus the newest watermark seen")
 WORKER_POISON = Counter(

@@ -133,3 +133,12 @@ class EventReader:
                         extra={"partition": record.partition, "offset": record.offset},
                     )
         return out
+
+
+async def event_ids_since(bootstrap: str, topic: str, since_ms: int) -> set[str]:
+    """The ids of every event sent at or after `since_ms` (the records' create time), up to now: what a
+    worker taking over a partition checks its own judgements against (processors/app.py)."""
+    async with EventReader(bootstrap, topic) as reader:
+        if not await reader.seek(since_ms, wait=False):
+            return set()
+        return {event.event_id for event in await reader.history()}

@@ -8,9 +8,12 @@ import dataclasses
 import signal
 
 import pytest
+from aiokafka import AIOKafkaProducer
 
-from heartbeat_registry.core.names import Names
+from heartbeat_registry.core import redis_client
+from heartbeat_registry.core.names import Names, partition_of
 from heartbeat_registry.core.settings import Settings
+from heartbeat_registry.core.views import RegistryEntry
 from heartbeat_registry.hbreg import services
 from heartbeat_registry.hbreg.simulate import Fleet
 from heartbeat_registry.pb import hb
@@ -187,6 +190,61 @@ async def test_worker_killed_mid_run_loses_and_repeats_no_event(pipeline_setting
     assert sorted(e.agent_id for e in stalls) == sorted(victims), "an event was lost or repeated"
     assert sorted(e.agent_id for e in recoveries) == sorted(victims)
     assert len({e.event_id for e in stalls}) == len(stalls)
+
+
+async def test_a_successor_does_not_send_again_a_stall_its_predecessor_sent(
+    pipeline_settings: Settings, tmp_path
+) -> None:
+    """A worker sends a record's events before the snapshot that records them; killed in between, its
+    successor restores the older snapshot and judges the same episode again, with the same event id.
+    Staged exactly (the real window is a produce request wide): the worker is killed while every agent is
+    alive, two agents die, and one's stall is put on `agent-events` as the dead worker would have sent it
+    (its id: the agent and its last receive time). The successor sends the other's stall (the positive
+    control) and not that one again."""
+    settings = dataclasses.replace(pipeline_settings, stall_timeout=2.0)
+    names = Names.of(settings)
+    async with running_pipeline(settings, tmp_path) as pipeline:
+        fleet = Fleet(settings.grpc_addr, [f"s{i:02d}" for i in range(40)], interval=0.2, jitter=0.3)
+        await fleet.start()
+        await asyncio.sleep(3)
+        worker = pipeline.workers.pop()
+        procs.stop(worker, signal.SIGKILL)
+        await fleet.kill("s01")
+        await fleet.kill("s02")
+        await asyncio.sleep(0.5)  # a beat in flight lands
+        redis = redis_client.connect(settings)
+        raw = await redis.hget(names.latest(partition_of("s01", settings.stream_shards)), "s01")
+        await redis.aclose()
+        last_seen = RegistryEntry.decode("s01", raw).last_seen_ms
+        staged = hb.AgentEvent(
+            type=hb.STALL,
+            agent_id="s01",
+            reason="silent",
+            last_seen_ms=last_seen,
+            event_id=f"s01:{last_seen}:stall",
+            partition=partition_of("s01", settings.topic_partitions),
+            figures={"staged": 1.0},
+        )
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(names.events_topic, staged.SerializeToString(), key=b"s01")
+        finally:
+            await producer.stop()
+        await pipeline.add_worker()  # after the dead one's session timeout (10 s)
+
+        def judged(events: list[hb.AgentEvent]) -> bool:
+            return any(e.agent_id == "s02" for e in of_type(events, hb.STALL))
+
+        await read_events(settings.kafka_bootstrap, names.events_topic, judged, timeout=30)
+        await asyncio.sleep(2)
+        await fleet.stop()
+        events = await events_now(settings)
+    stalls = of_type(events, hb.STALL)
+    assert sorted(e.agent_id for e in stalls) == ["s01", "s02"], "s02 stalled once, s01 only by the staged event"
+    assert [e.figures["staged"] for e in stalls if e.agent_id == "s01"] == [1.0]
+    log = (tmp_path / "worker0.log").read_text()
+    assert "not sent again: the previous owner sent it" in log and staged.event_id in log
 
 
 async def test_workers_joining_and_leaving_stall_nobody(pipeline_settings: Settings, tmp_path) -> None:
