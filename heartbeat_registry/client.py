@@ -471,8 +471,15 @@ class AsyncHeartbeatClient:
                 delay = self._rng.uniform(0.0, self.backoff_initial / 2)
             else:
                 delay = retry_delay(pushback, backoff, self._rng)
-            # the code and details go into the message itself: a default formatter drops `extra`
-            log.warning("heartbeat call to %s failed: %s; retrying in %.1f s", self.endpoint, problem, delay)
+            # the code and details go into the message itself: a default formatter drops `extra`; `extra`
+            # names the agent, for a program that runs several (the soak records them per agent)
+            log.warning(
+                "heartbeat call to %s failed: %s; retrying in %.1f s",
+                self.endpoint,
+                problem,
+                delay,
+                extra={"agent_id": self.agent_id, "endpoint": self.endpoint, "problem": problem, "retry_in_s": delay},
+            )
             await asyncio.sleep(delay)
             backoff = min(backoff * 2, self.backoff_max)
 

@@ -5,6 +5,7 @@ not use the session's."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import pathlib
 import shutil
@@ -85,23 +86,58 @@ def test_misses_are_blamed_on_the_one_fault_in_effect() -> None:
 
 def test_a_false_stall_carries_its_agent_s_beats_around_the_silence() -> None:
     """The beats sent from a second before the agent's last stored beat until the stall, with how long
-    each took to be acknowledged (None: never), so a report tells an unheard agent from a lost beat."""
-    from heartbeat_registry.hbreg.chaos.fleet import Record
+    each took to be acknowledged (None: never), so a report tells an unheard agent from a lost beat; and
+    the client's failed calls in that span, from its warnings (kept per agent, not printed)."""
+    from heartbeat_registry.hbreg.chaos.fleet import Record, Recorder
 
     record = Record()
     for at, rtt in ((0.0, 0.1), (1.0, 0.2), (2.0, math.nan), (3.0, math.nan), (9.0, 0.1)):
         record.sent.append(at)
         record.rtt.append(rtt)
         record.received.append(0)
+    recorder = Recorder()
+    recorder.agents["a"] = record
+    for at, endpoint, problem, wait in (
+        (99.0, "ingest-2", "UNAVAILABLE: redis unreachable", 0.05),  # before the span
+        (102.5, "ingest-2", "TimeoutError()", 0.05),
+        (102.6, "ingest-1", "TimeoutError()", 1.2),
+        (103.8, "ingest-2", "TimeoutError()", 2.4),
+    ):
+        warning = logging.makeLogRecord(
+            {"levelno": logging.WARNING, "agent_id": "a", "endpoint": endpoint, "problem": problem, "retry_in_s": wait}
+        )
+        warning.created = at
+        assert recorder.client_warning(warning) is False  # kept, not printed
+    assert recorder.client_warning(logging.makeLogRecord({"levelno": logging.ERROR, "agent_id": "a"})) is True
     details = [{"agent": "a", "reason": "silent", "last_seen": 101_200, "detected": 106_200}, {"agent": "x"}]
     details[1].update(last_seen=0, detected=0)
-    verdict.beats_around({"a": record}, details, wall_offset=100.0)
+    recorder.wall_offset = 100.0
+    for at, lag in ((101_000, 0.01), (103_000, 1.5), (107_000, 3.0)):  # the last one after the stall
+        recorder.loop_at.append(at)
+        recorder.loop_lag.append(lag)
+    verdict.beats_around(recorder.agents, details, recorder)
     assert details[0]["beats"] == [
         {"seq": 2, "sent": 101_000, "acked_in_s": 0.2},
         {"seq": 3, "sent": 102_000, "acked_in_s": None},
         {"seq": 4, "sent": 103_000, "acked_in_s": None},
     ]
+    assert details[0]["failed_calls"] == [
+        {"at": 102_500, "endpoint": "ingest-2", "problem": "TimeoutError()", "retry_in_s": 0.05},
+        {"at": 102_600, "endpoint": "ingest-1", "problem": "TimeoutError()", "retry_in_s": 1.2},
+        {"at": 103_800, "endpoint": "ingest-2", "problem": "TimeoutError()", "retry_in_s": 2.4},
+    ]
+    assert details[0]["fleet_loop_lag_max_s"] == 1.5
     assert "beats" not in details[1]  # not an agent of the fleet
+    assert verdict.loop_lag(recorder, run_until=6.5) == {  # the run ended at wall 106.5 s
+        "p50_s": 0.01,
+        "p99_s": 1.5,
+        "max_s": 1.5,
+        "over_0_5_s_total_s": 1.5,
+    }
+    assert verdict.failed_calls(recorder.agents, recorder.failures) == {
+        "count": 4,
+        "by_problem": {"TimeoutError()": 3, "UNAVAILABLE: redis unreachable": 1},
+    }
 
 
 def test_the_logs_are_kept_when_a_promise_other_than_availability_breaks(tmp_path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import array
 import asyncio
 import dataclasses
+import logging
 import math
 import random
 import time
@@ -28,6 +29,7 @@ HUNG_SHARE = 0.02
 IDLE_SHARE = 0.2
 JITTER = 0.2
 RPC_TIMEOUT_S = 0.5
+LOOP_TICK_S = 0.1  # how often the fleet's event loop is timed
 
 
 @dataclasses.dataclass
@@ -38,6 +40,10 @@ class Record:
     rtt: array.array = dataclasses.field(default_factory=lambda: array.array("d"))  # nan: no reply
     received: array.array = dataclasses.field(default_factory=lambda: array.array("q"))  # server time, 0: none
     silent: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # (from, to) monotonic, on purpose
+    # the client's failed calls: when (wall ms), which failure (Recorder.failures), the wait before the next
+    failed_at: array.array = dataclasses.field(default_factory=lambda: array.array("q"))
+    failure: array.array = dataclasses.field(default_factory=lambda: array.array("I"))
+    retry_in: array.array = dataclasses.field(default_factory=lambda: array.array("f"))
 
 
 class Recorder:
@@ -45,6 +51,36 @@ class Recorder:
         self.agents: dict[str, Record] = {}
         self.unmatched = 0  # replies to a seq never sent (must stay 0)
         self.wall_offset = time.time() - time.monotonic()  # wall = monotonic + this
+        self.failures: list[tuple[str, str]] = []  # (endpoint, problem), each once
+        self._failure_index: dict[tuple[str, str], int] = {}
+        self.loop_at = array.array("q")  # wall ms of each tick of `time_loop`
+        self.loop_lag = array.array("f")  # how much later than asked it woke up (s)
+
+    async def time_loop(self) -> None:
+        """Every agent of the fleet beats from this process's event loop: a 100 ms sleep that wakes up late
+        is every beat due meanwhile sent late, which no part of the system caused."""
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(LOOP_TICK_S)
+            now = time.monotonic()
+            self.loop_at.append(int((now + self.wall_offset) * 1000))
+            self.loop_lag.append(now - before - LOOP_TICK_S)
+
+    def client_warning(self, record: logging.LogRecord) -> bool:
+        """A filter on the clients' logger: a failed call is kept with its agent instead of printed (a
+        soak makes tens of thousands a minute, and writing them out cost the run itself); errors pass."""
+        agent = getattr(record, "agent_id", None)
+        if agent is not None and record.levelno < logging.ERROR:
+            key = (str(getattr(record, "endpoint", "")), str(getattr(record, "problem", "")))
+            index = self._failure_index.get(key)
+            if index is None:
+                index = self._failure_index[key] = len(self.failures)
+                self.failures.append(key)
+            kept = self.agents.setdefault(agent, Record())
+            kept.failed_at.append(int(record.created * 1000))
+            kept.failure.append(index)
+            kept.retry_in.append(float(getattr(record, "retry_in_s", math.nan)))
+        return record.levelno >= logging.ERROR
 
     def sent(self, agent: str, beat: hb.Heartbeat) -> None:
         record = self.agents.setdefault(agent, Record())

@@ -235,6 +235,7 @@ async def soak(duration_s: float, agents: int, seed: int, workdir: pathlib.Path,
     settings = soak_settings(workdir / "state", duration_s)
     plan = schedule.plan(seed, duration_s, REPLICAS)
     system = System(settings, workdir)
+    client_log = logging.getLogger("heartbeat_registry.client")
     say(f"hbreg chaos: seed {seed}, {len(plan)} faults over {duration_s:.0f} s, {agents} agents; starting")
     # SIGTERM cancels the soak where it waits, so the finally blocks stop the fleet and every process (a
     # Python-level handler's SystemExit can land in a gRPC callback of the fleet and be lost: it was)
@@ -248,6 +249,7 @@ async def soak(duration_s: float, agents: int, seed: int, workdir: pathlib.Path,
         names = Names.of(settings)
         probes = Probes(system)
         fleet = SoakFleet(system.ingest_addrs, agents, INTERVAL_S, seed)
+        client_log.addFilter(fleet.recorder.client_warning)  # failed calls kept per agent, not printed
         last_s = duration_s - schedule.COOLDOWN_S - 2 * STALL_TIMEOUT_S
         troubles = agent_faults(fleet.ids, list(fleet.tasks), seed, schedule.WARMUP_S / 2, last_s, STALL_TIMEOUT_S)
         recoveries: list[asyncio.Task[None]] = []
@@ -258,6 +260,7 @@ async def soak(duration_s: float, agents: int, seed: int, workdir: pathlib.Path,
         # collections of this process had stopped the 2,000 agents' event loop for 11 s in 5 minutes).
         gc.freeze()
         agent_job = asyncio.create_task(fleet.run_faults(troubles, started))
+        loop_timer = asyncio.create_task(fleet.recorder.time_loop())
         try:
             for fault in plan:
                 await asyncio.sleep(max(0.0, started + fault.at_s - time.monotonic()))
@@ -273,6 +276,7 @@ async def soak(duration_s: float, agents: int, seed: int, workdir: pathlib.Path,
             valkey_latency = await _valkey_latency(settings)
         finally:
             agent_job.cancel()
+            loop_timer.cancel()
             await fleet.stop()
             await probes.close()
         # the last windows close and are written (the pipeline clock goes on without the fleet)
@@ -286,6 +290,7 @@ async def soak(duration_s: float, agents: int, seed: int, workdir: pathlib.Path,
             settings.kafka_bootstrap, names.reassignments_topic, hb.Reassignment.FromString, committed=True
         )
     finally:
+        client_log.filters.clear()
         await system.stop()
     return History(
         fleet,
@@ -322,7 +327,7 @@ def judge(history: History, duration_s: float, seed: int) -> dict[str, Any]:
     blame = verdict.blamer(history.plan)
     offset_ms = fleet.recorder.wall_offset * 1000
     detection = verdict.detection(history.events, set(fleet.ids), killed, set(troubles.hung), blame)
-    verdict.beats_around(agents, detection["false_stall_details"], fleet.recorder.wall_offset)
+    verdict.beats_around(agents, detection["false_stall_details"], fleet.recorder)
     # every task runs at the end, and not on a killed agent
     lost_tasks = sorted(
         t for t in fleet.tasks.values() if t not in history.running or history.running[t].get("owner") in killed
@@ -353,6 +358,8 @@ def judge(history: History, duration_s: float, seed: int) -> dict[str, Any]:
         "acked_lost_by_stage": {"redis": lost_redis, "kafka": lost_kafka, "windows": lost_windows},
         "windows_checked": windows_checked,
         "unmatched_replies": fleet.recorder.unmatched,
+        "failed_calls": verdict.failed_calls(agents, fleet.recorder.failures),
+        "fleet_loop_lag": verdict.loop_lag(fleet.recorder, history.run_until),
         **detection,
         "killed_agents": len(killed),
         "hung_agents": len(troubles.hung),
@@ -405,10 +412,6 @@ def run(duration_s: float, agents: int, seed: int, keep: str | None = None) -> d
 
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
-
-    # the fleet's clients warn at every failed call, and failed calls are what a soak is made of: its
-    # verdict counts them instead
-    logging.getLogger("heartbeat_registry.client").setLevel(logging.ERROR)
 
     with contextlib.ExitStack() as stack:
         if keep:

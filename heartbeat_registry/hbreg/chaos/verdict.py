@@ -89,6 +89,14 @@ def availability(
     }
 
 
+def failed_calls(agents: dict[str, Any], failures: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """The clients' failed calls, by what failed (the ten most common): the other side of the misses."""
+    by_problem: collections.Counter[str] = collections.Counter()
+    for record in agents.values():
+        by_problem.update(failures[index][1] for index in record.failure)
+    return {"count": sum(by_problem.values()), "by_problem": dict(by_problem.most_common(10))}
+
+
 def _p50_p99(values: list[float]) -> list[float]:
     values = sorted(values)
     return [round(percentile(values, q), 3) for q in (0.5, 0.99)] if values else []
@@ -156,11 +164,15 @@ def detection(
     }
 
 
-def beats_around(agents: dict[str, Any], details: list[dict[str, Any]], wall_offset: float) -> None:
-    """Add to each false stall (`false_stall_details`) its agent's beats sent from a second before its
-    last stored beat until the stall: when each was sent (wall ms), and the seconds to its reply (None:
-    never acknowledged). Beats sent but never acknowledged: the system did not hear the agent (an
-    overloaded or cut-off ingest). A beat acknowledged in between: the pipeline lost or misjudged it."""
+def beats_around(agents: dict[str, Any], details: list[dict[str, Any]], recorder: Any) -> None:
+    """Add to each false stall (`false_stall_details`) what its agent did from a second before its last
+    stored beat until the stall. `beats`: when each was sent (wall ms), and the seconds to its reply
+    (None: never acknowledged). Beats sent but never acknowledged: the system did not hear the agent (an
+    overloaded or cut-off ingest); one acknowledged in between: the pipeline lost or misjudged it.
+    `failed_calls`: the client's failed calls (when, to which ingest, what failed, how long it waited
+    before the next try). `fleet_loop_lag_max_s`: how late the soak's own event loop woke up at worst
+    meanwhile, which delays every beat of the fleet (the instrument, not the system)."""
+    failures, wall_offset = recorder.failures, recorder.wall_offset
     for detail in details:
         record = agents.get(detail["agent"])
         if record is None:
@@ -171,6 +183,25 @@ def beats_around(agents: dict[str, Any], details: list[dict[str, Any]], wall_off
             for index, (at, rtt) in enumerate(zip(record.sent, record.rtt, strict=True))
             if since <= (sent := int((at + wall_offset) * 1000)) <= until
         ]
+        detail["failed_calls"] = [
+            {"at": at, "endpoint": failures[index][0], "problem": failures[index][1], "retry_in_s": round(wait, 3)}
+            for at, index, wait in zip(record.failed_at, record.failure, record.retry_in, strict=True)
+            if since <= at <= until
+        ]
+        lags = [lag for at, lag in zip(recorder.loop_at, recorder.loop_lag, strict=True) if since <= at <= until]
+        detail["fleet_loop_lag_max_s"] = round(max(lags, default=0.0), 3)
+
+
+def loop_lag(recorder: Any, run_until: float) -> dict[str, Any]:
+    """How late the fleet's event loop woke up over the run (ticks of `Recorder.time_loop`): p50, p99,
+    max, and the seconds of the run it spent more than half a second late."""
+    until_ms = (run_until + recorder.wall_offset) * 1000
+    lags = sorted(lag for at, lag in zip(recorder.loop_at, recorder.loop_lag, strict=True) if at <= until_ms)
+    if not lags:
+        return {}
+    late = sum(lag for lag in lags if lag > 0.5)
+    p50, p99 = _p50_p99(lags)
+    return {"p50_s": p50, "p99_s": p99, "max_s": round(lags[-1], 3), "over_0_5_s_total_s": round(late, 1)}
 
 
 def blamer(faults: Sequence[Any]) -> Callable[[int], str]:
