@@ -277,6 +277,7 @@ async def soak(duration_s: float, agents: int, seed: int, workdir: pathlib.Path,
         finally:
             agent_job.cancel()
             loop_timer.cancel()
+            client_log.removeFilter(fleet.recorder.client_warning)
             await fleet.stop()
             await probes.close()
         # the last windows close and are written (the pipeline clock goes on without the fleet)
@@ -290,7 +291,6 @@ async def soak(duration_s: float, agents: int, seed: int, workdir: pathlib.Path,
             settings.kafka_bootstrap, names.reassignments_topic, hb.Reassignment.FromString, committed=True
         )
     finally:
-        client_log.filters.clear()
         await system.stop()
     return History(
         fleet,
