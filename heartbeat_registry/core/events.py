@@ -1,6 +1,7 @@
 """Reading the `agent-events` topic without a consumer group: `hbreg events`, the query API's recent
-events, the benchmarks and the tests all read it through `EventReader`, which never disturbs the sinks'
-consumer groups (it assigns partitions itself and commits nothing).
+events, a worker that gains partitions (`event_ids_since`), the benchmarks and the tests all read it
+through `EventReader`, which never disturbs the sinks' consumer groups (it assigns partitions itself and
+commits nothing).
 
 History is read up to the end offsets seen at start and returned in time order (the topic is ordered
 only per partition); what follows is returned as it arrives. A record that is not an `AgentEvent` is
