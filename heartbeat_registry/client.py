@@ -500,9 +500,19 @@ class AsyncHeartbeatClient:
 
     async def _stream(self, stub: hb_grpc.HeartbeatServiceStub) -> None:
         call = stub.BeatStream(metadata=self._metadata())
+        # An ingest that goes away between two beats (killed, draining) ends the call under the pause:
+        # wake it, so the agent moves to another ingest now and its next beat goes out there on time,
+        # not after a reconnection that starts only when the beat is due. (A wake left by the call
+        # before this one is dropped: the first beat goes out at once anyway.)
+        assert self._wake is not None
+        self._wake.clear()
+        call.add_done_callback(lambda _: self._poke())
         try:
             while not self._closing:
-                await call.write(self._next_beat())
+                with contextlib.suppress(asyncio.InvalidStateError):
+                    # the call is over: the read below says how it ended (the ingest's status and
+                    # pushback, or EOF), not grpc.aio's "RPC already finished"
+                    await call.write(self._next_beat())
                 reply = await asyncio.wait_for(call.read(), self.rpc_timeout)
                 if reply is grpc.aio.EOF:
                     return  # ended with OK (a draining ingest); a refusal raises from read() instead

@@ -134,9 +134,12 @@ def test_a_false_stall_carries_its_agent_s_beats_around_the_silence() -> None:
         "max_s": 1.5,
         "over_0_5_s_total_s": 1.5,
     }
-    assert verdict.failed_calls(recorder.agents, recorder.failures) == {
+    assert verdict.failed_calls(
+        recorder.agents, recorder.failures, lambda at: "reset" if at >= 102_000 else "none"
+    ) == {
         "count": 4,
         "by_problem": {"TimeoutError()": 3, "UNAVAILABLE: redis unreachable": 1},
+        "by_fault": {"reset": {"TimeoutError()": 3}, "none": {"UNAVAILABLE: redis unreachable": 1}},
     }
 
 

@@ -344,3 +344,29 @@ async def test_stop_always_returns_while_replies_race_the_cancellation(ingest, a
         await asyncio.sleep(0.003)
         await asyncio.wait_for(client.stop(leave=False), 5)
     assert client.beats_acknowledged >= 150
+
+
+async def test_a_stream_the_ingest_ended_between_beats_is_reported_with_the_ingest_s_status(
+    auth_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ingest that goes away while its agent waits for the next beat ends the stream under it: the
+    client's next write then finds the call over, and reports what the ingest said (its status, its
+    pushback), not grpc.aio's "RPC already finished" (the chaos soak counted 2,964 of those in 15 min)."""
+    node = Ingest(auth_settings)
+    await node.start()
+    client = AsyncHeartbeatClient(
+        "agent-e", auth_settings.grpc_addr, token=token("agent-e"), interval=1.0, jitter=0.0, backoff_initial=0.1
+    )
+    with caplog.at_level(logging.WARNING, logger="heartbeat_registry.client"):
+        await client.start()
+        try:
+            await eventually(lambda: client.beats_acknowledged >= 1, 5)
+            stopped = time.time()
+            await node.stop(grace=0.0)  # early in the client's one-second pause between two beats
+            await eventually(lambda: any(hasattr(r, "problem") for r in caplog.records), 5)
+        finally:
+            await client.stop(leave=False)
+    failures = [r for r in caplog.records if hasattr(r, "problem")]
+    assert failures[0].problem == "UNAVAILABLE: Cancelling all calls", [r.problem for r in failures]
+    # at once, not when the next beat was due
+    assert failures[0].created - stopped < 0.5, f"noticed {failures[0].created - stopped:.2f} s after the ingest left"

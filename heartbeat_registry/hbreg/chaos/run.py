@@ -358,7 +358,7 @@ def judge(history: History, duration_s: float, seed: int) -> dict[str, Any]:
         "acked_lost_by_stage": {"redis": lost_redis, "kafka": lost_kafka, "windows": lost_windows},
         "windows_checked": windows_checked,
         "unmatched_replies": fleet.recorder.unmatched,
-        "failed_calls": verdict.failed_calls(agents, fleet.recorder.failures),
+        "failed_calls": verdict.failed_calls(agents, fleet.recorder.failures, blame),
         "fleet_loop_lag": verdict.loop_lag(fleet.recorder, history.run_until),
         **detection,
         "killed_agents": len(killed),

@@ -89,12 +89,25 @@ def availability(
     }
 
 
-def failed_calls(agents: dict[str, Any], failures: Sequence[tuple[str, str]]) -> dict[str, Any]:
-    """The clients' failed calls, by what failed (the ten most common): the other side of the misses."""
+def failed_calls(
+    agents: dict[str, Any], failures: Sequence[tuple[str, str]], blame: Callable[[int], str]
+) -> dict[str, Any]:
+    """The clients' failed calls, by what failed (the ten most common), and by the fault in effect (`blame`:
+    the three most common problems under each): the other side of the misses, so a run tells which
+    fault made the clients fail and how."""
     by_problem: collections.Counter[str] = collections.Counter()
+    by_fault: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for record in agents.values():
-        by_problem.update(failures[index][1] for index in record.failure)
-    return {"count": sum(by_problem.values()), "by_problem": dict(by_problem.most_common(10))}
+        for at_ms, index in zip(record.failed_at, record.failure, strict=True):
+            problem = failures[index][1]
+            by_problem[problem] += 1
+            by_fault[blame(at_ms)][problem] += 1
+    ranked = sorted(by_fault.items(), key=lambda item: -sum(item[1].values()))
+    return {
+        "count": sum(by_problem.values()),
+        "by_problem": dict(by_problem.most_common(10)),
+        "by_fault": {label: dict(problems.most_common(3)) for label, problems in ranked},
+    }
 
 
 def _p50_p99(values: list[float]) -> list[float]:
