@@ -31,7 +31,7 @@ from heartbeat_registry.core.names import Names
 from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.core.tasks import TaskStore
 from heartbeat_registry.errors import ConfigError
-from heartbeat_registry.pb import hb, hb_grpc
+from heartbeat_registry.pb import HEARTBEAT_SERVICE, TASK_SERVICE, hb, hb_grpc
 from ingest import metrics, validate
 from ingest.auth import Authenticator, AuthError, AuthInterceptor, Identity, Requests
 from ingest.directives import directives_for
@@ -40,8 +40,6 @@ from ingest.tasks import TaskService
 from ingest.writer import Batch, Overloaded, StreamWriter, Unavailable
 
 log = logging.getLogger(__name__)
-SERVICE_NAME = hb.DESCRIPTOR.services_by_name["HeartbeatService"].full_name
-TASK_SERVICE_NAME = hb.DESCRIPTOR.services_by_name["TaskService"].full_name
 RETRY_PUSHBACK_MS = 250
 GC_THRESHOLDS = (10_000, 10, 100)
 
@@ -244,7 +242,7 @@ class RedisWatch:
                 metrics.REDIS_UP.set(1 if up else 0)
                 (log.info if up else log.warning)("redis reachable" if up else "redis unreachable")
                 status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
-                for name in ("", SERVICE_NAME):
+                for name in ("", HEARTBEAT_SERVICE):
                     await self.servicer.set(name, status)
             if up and ticks % 20 == 0:
                 await self._stream_lengths()
@@ -316,7 +314,7 @@ class Ingest:
         )
         self.writer = StreamWriter(self.redis, names, settings.stream_retention, settings.max_pending)
         self.server = grpc.aio.server(
-            interceptors=[AuthInterceptor(authenticator, (SERVICE_NAME, TASK_SERVICE_NAME))],
+            interceptors=[AuthInterceptor(authenticator, (HEARTBEAT_SERVICE, TASK_SERVICE))],
             options=grpc_options(settings),
         )
         self.tasks = TaskStore(self.redis, names)
@@ -326,8 +324,8 @@ class Ingest:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (
-                SERVICE_NAME,
-                TASK_SERVICE_NAME,
+                HEARTBEAT_SERVICE,
+                TASK_SERVICE,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),

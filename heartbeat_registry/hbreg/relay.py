@@ -22,11 +22,10 @@ from heartbeat_registry.core import health as ops_health
 from heartbeat_registry.core.lifecycle import stop_signal
 from heartbeat_registry.core.settings import PARSERS, Settings
 from heartbeat_registry.errors import ConfigError
-from heartbeat_registry.pb import hb, hb_grpc
+from heartbeat_registry.pb import HEARTBEAT_SERVICE, hb_grpc
 from heartbeat_registry.relay import Relay, RelayObserver, RelayService, listen
 
 log = logging.getLogger(__name__)
-SERVICE_NAME = hb.DESCRIPTOR.services_by_name["HeartbeatService"].full_name
 
 BATCHES = Counter("hbreg_relay_batches_total", "BeatBatch requests the ingest acknowledged")
 HEARTBEATS = Counter("hbreg_relay_heartbeats_total", "Heartbeats the ingest acknowledged through the relay")
@@ -137,7 +136,7 @@ class RelayServer:
                 (log.info if serving else log.warning)("ingest answers" if serving else "ingest does not answer")
                 answer = health_pb2.HealthCheckResponse
                 status = answer.SERVING if serving else answer.NOT_SERVING
-                for name in ("", SERVICE_NAME):
+                for name in ("", HEARTBEAT_SERVICE):
                     await self.health.set(name, status)
             await asyncio.sleep(0.25)
 
