@@ -545,13 +545,13 @@ class AsyncHeartbeatClient:
 
     async def _serves(self, endpoint: str) -> bool:
         """The endpoint's gRPC health status for the heartbeat service, as its ingest keeps it (NOT_SERVING
-        while it cannot reach Redis)."""
+        while it cannot reach Redis). An endpoint without the health service is never gone back to."""
         try:
             async with self._channel(endpoint) as channel:
                 reply = await health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=HEARTBEAT_SERVICE), timeout=self.rpc_timeout
                 )
-        except grpc.aio.AioRpcError:
+        except Exception:  # whatever went wrong in asking, the answer is "not yet", never a failed beat
             return False
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
