@@ -44,7 +44,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -570,32 +570,37 @@ class AsyncHeartbeatClient:
         assert self._wake is not None
         self._wake.clear()
         call.add_done_callback(lambda _: self._poke())
+
+        async def exchange(beat: hb.Heartbeat) -> Any:
+            with contextlib.suppress(asyncio.InvalidStateError):
+                # the call is over: the read below says how it ended (the ingest's status and pushback,
+                # or EOF), not grpc.aio's "RPC already finished"
+                await call.write(beat)
+            return await asyncio.wait_for(call.read(), self._reply_timeout)
+
         try:
-            while not self._closing:
-                if self._back_to_first():
-                    return True
-                sent = time.monotonic()
-                with contextlib.suppress(asyncio.InvalidStateError):
-                    # the call is over: the read below says how it ended (the ingest's status and
-                    # pushback, or EOF), not grpc.aio's "RPC already finished"
-                    await call.write(self._next_beat())
-                reply = await asyncio.wait_for(call.read(), self._reply_timeout)
-                if reply is grpc.aio.EOF:
-                    return False  # ended with OK (a draining ingest); a refusal raises from read() instead
-                self._on_reply(reply, time.monotonic() - sent)
-                await self._pause()
-            return False
+            return await self._beats(exchange)
         finally:
-            self._stop_asking()
             call.cancel()
 
     async def _unary(self, stub: hb_grpc.HeartbeatServiceStub) -> bool:
+        async def exchange(beat: hb.Heartbeat) -> Any:
+            return await stub.Beat(beat, timeout=self._reply_timeout, metadata=self._metadata())
+
+        return await self._beats(exchange)
+
+    async def _beats(self, exchange: Callable[[hb.Heartbeat], Awaitable[Any]]) -> bool:
+        """Beat over one connection, `exchange` sending a beat and returning its reply (EOF: a stream the
+        ingest ended with OK, a draining ingest; a refusal raises instead). True when it left the
+        connection to go back to the first endpoint."""
         try:
             while not self._closing:
                 if self._back_to_first():
                     return True
                 sent = time.monotonic()
-                reply = await stub.Beat(self._next_beat(), timeout=self._reply_timeout, metadata=self._metadata())
+                reply = await exchange(self._next_beat())
+                if reply is grpc.aio.EOF:
+                    return False
                 self._on_reply(reply, time.monotonic() - sent)
                 await self._pause()
             return False
