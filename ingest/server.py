@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import grpc
 import redis.asyncio as aioredis
+import redis.exceptions
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -234,6 +235,9 @@ class RedisWatch:
             try:
                 await asyncio.wait_for(self.client.ping(), timeout=1.0)
                 up = True
+            except redis.exceptions.ConnectionError:
+                up = False
+                await redis_client.close_idle(self.client)  # from before a restart, as StreamWriter's
             except Exception:
                 up = False
             self.writer.available = up

@@ -17,8 +17,10 @@ import time
 from typing import Any
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from heartbeat_registry.beats import now_ms
+from heartbeat_registry.core import redis_client
 from heartbeat_registry.core.columns import Columns
 from heartbeat_registry.core.names import Names, partition_of
 from ingest import metrics, scripts
@@ -258,6 +260,11 @@ class StreamWriter:
                     for future in waiting if isinstance(waiting, list) else (waiting.future,):
                         if not future.done():  # its caller may have gone (a cancelled call)
                             future.set_exception(error)
+                if isinstance(exc, redis.exceptions.ConnectionError):
+                    # Redis restarted or the connection was reset: the pool's other connections are
+                    # from before it, and each would fail one more write (and refuse the ingest's calls
+                    # until the next PING once more) when a burst reached it
+                    await redis_client.close_idle(self._redis)
             else:
                 fences = (
                     {_text(reply[i]): (_text(reply[i + 1]), _text(reply[i + 2])) for i in range(0, len(reply), 3)}

@@ -4,21 +4,25 @@ must be in Redis afterwards."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import signal
 import time
 
 import grpc
+import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from heartbeat_registry.core import redis_client
 from heartbeat_registry.core.names import Names, partition_of
 from heartbeat_registry.core.settings import Settings
 from heartbeat_registry.hbreg import services
 from heartbeat_registry.pb import hb, hb_grpc
 from ingest.server import Ingest
-from ingest.writer import StreamWriter
+from ingest.writer import StreamWriter, Unavailable
 from tests import procs
 
 # unique agent timestamps near the server clock (so the skew limit accepts them)
@@ -147,3 +151,40 @@ async def test_close_right_after_a_write_still_returns(redis: aioredis.Redis, se
     await asyncio.wait_for(closing, 5)
     assert await pending == {}
     assert await redis.hexists(names.latest(partition_of("agent-close", names.shards)), "agent-close")
+
+
+async def test_after_redis_restarts_only_the_write_that_finds_out_fails(settings: Settings, tmp_path) -> None:
+    """redis-py's pool hands out the connections it kept idle from before a restart of Redis, and each
+    fails its next call ("Connection closed by server"). Every such failure refuses the ingest's calls until
+    the next PING, so in the soak an idle pool deep enough for a burst cost a Valkey restart four more
+    refusal periods over two seconds, one each time a burst reached a connection from before. The first
+    failed write must close the idle ones, so the calls after it connect afresh."""
+    port = services.free_port()
+    valkey = procs.valkey(port, tmp_path / "valkey")
+    url = f"redis://127.0.0.1:{port}"
+    client = redis_client.connect(url, socket_timeout=1.0, socket_connect_timeout=1.0, retry_on_timeout=False)
+    writer = StreamWriter(client, Names.of(settings), retention_s=600)
+    writer.start()
+    received = int(time.time() * 1000)
+    try:
+        await asyncio.gather(*(client.ping() for _ in range(30)))  # a burst left 30 connections in the pool
+        procs.stop(valkey, signal.SIGKILL)
+        valkey = procs.valkey(port, tmp_path / "valkey")
+        probe = aioredis.Redis.from_url(url)
+        while True:  # until it has read its append-only file and serves
+            with contextlib.suppress(redis.exceptions.ConnectionError):
+                if await probe.ping():
+                    break
+            await asyncio.sleep(0.05)
+        await probe.aclose()
+
+        with pytest.raises(Unavailable, match="Connection closed by server"):  # the positive control
+            await writer.write_one("agent-1", "t", hb.RUNNING, received, 0.1, None, 1, received)
+        writer.available = True  # as RedisWatch sets it at its next PING
+        replies = await asyncio.gather(*(client.ping() for _ in range(30)), return_exceptions=True)
+        assert [r for r in replies if r is not True] == []
+        assert await writer.write_one("agent-1", "t", hb.RUNNING, received, 0.1, None, 2, received) == {}
+    finally:
+        await writer.close()
+        await client.aclose()
+        procs.stop(valkey)
