@@ -24,4 +24,8 @@ TASKS_TAKEN_UP = Histogram(
     "Task assigned -> its assignee beat RUNNING on it (it owns it)",
     buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
+CONFIRMS_FAILED = Counter(
+    "hbreg_ingest_task_confirms_failed_total",
+    "RUNNING beats on an offered task stored but not yet made its owner (Redis failed; the next beat confirms)",
+)
 TASK_CALLS = Counter("hbreg_ingest_task_calls_total", "TaskService calls by outcome", ["outcome"])
