@@ -39,20 +39,18 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from heartbeat_registry.beats import heartbeat
 from heartbeat_registry.errors import HeartbeatRejected, TaskAbandoned
-from heartbeat_registry.pb import HEARTBEAT_SERVICE, hb, hb_grpc
+from heartbeat_registry.pb import hb, hb_grpc
 
 log = logging.getLogger(__name__)
 # read here: agents do not install core/settings.py, which documents and checks it for the tools
@@ -165,7 +163,6 @@ class AsyncHeartbeatClient:
         backoff_initial: float = 0.2,
         backoff_max: float = 10.0,
         rpc_timeout: float = 5.0,
-        failback_after: float = 30.0,
         relay: str | None = None,
     ) -> None:
         if not agent_id:
@@ -196,10 +193,6 @@ class AsyncHeartbeatClient:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.rpc_timeout = rpc_timeout
-        self._reply_timeout = rpc_timeout  # this call's: rpc_timeout, or more once every endpoint failed
-        self.failback_after = failback_after
-        self._failback_at = math.inf  # monotonic: when to ask the first endpoint whether it serves again
-        self._failback: asyncio.Task[bool] | None = None  # that question, while it is asked
         self._sampler = CpuSampler() if sample_cpu else None
         self.task_id = ""
         self.status: Status = hb.IDLE
@@ -374,9 +367,7 @@ class AsyncHeartbeatClient:
             return grpc.aio.secure_channel(endpoint, self.tls.credentials(), options=options)
         return grpc.aio.insecure_channel(endpoint, options=options)
 
-    def _on_reply(self, reply: hb.BeatReply, took: float) -> None:
-        if took < self.rpc_timeout:
-            self._reply_timeout = self.rpc_timeout  # it answers in time again: leave it as soon as it goes silent
+    def _on_reply(self, reply: hb.BeatReply) -> None:
         self.connected = True
         self._answered = True
         self._refused_by.clear()
@@ -441,27 +432,15 @@ class AsyncHeartbeatClient:
             self.endpoint = self.endpoints[index % len(self.endpoints)]
             pushback = 0.0
             self._answered = False
-            # A short rpc_timeout is there to leave a silent ingest for a working one. Once every endpoint
-            # failed in a row there is none known to work: this call waits up to two intervals for its
-            # first reply, since an ingest slow to answer a crowd that just arrived is not a dead one,
-            # and leaving it (for one that just failed) only adds a new stream to its load at each turn.
-            patient = misses >= len(self.endpoints)
-            self._reply_timeout = max(self.rpc_timeout, 2 * self.interval) if patient else self.rpc_timeout
-            self._failback_at = self._next_failback() if self.endpoint != self.endpoints[0] else math.inf
             try:
                 async with self._channel(self.endpoint) as channel:
                     stub = hb_grpc.HeartbeatServiceStub(channel)
-                    back = await (self._stream(stub) if self.use_stream else self._unary(stub))
+                    if self.use_stream:
+                        await self._stream(stub)
+                    else:
+                        await self._unary(stub)
                 if self._closing:
                     return
-                if back:
-                    log.info(
-                        "heartbeats go back to %s, which serves again",
-                        self.endpoints[0],
-                        extra={"agent_id": self.agent_id, "endpoint": self.endpoints[0], "left": self.endpoint},
-                    )
-                    index, misses, backoff = 0, 0, self.backoff_initial
-                    continue
                 problem = "the ingest ended the stream"  # a draining ingest: reconnect, to another if there is one
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.UNIMPLEMENTED and self.use_stream:
@@ -519,93 +498,24 @@ class AsyncHeartbeatClient:
             except Exception:
                 log.exception("on_error callback failed")
 
-    def _next_failback(self) -> float:
-        """When to ask the first endpoint again: jittered, so a fleet that failed over together does not
-        come back together."""
-        if self.failback_after <= 0:
-            return math.inf
-        return time.monotonic() + self.failback_after * self._rng.uniform(1.0, 1.5)
-
-    def _back_to_first(self) -> bool:
-        """On a stand-in endpoint: True once the first one, asked after `failback_after`, said it serves
-        (the agent then moves back between two beats, so replicas share the fleet again after a
-        failover instead of one keeping it all). Asks when due, without holding up a beat."""
-        asked = self._failback
-        if asked is None:
-            if time.monotonic() >= self._failback_at:
-                self._failback = asyncio.create_task(self._serves(self.endpoints[0]))
-            return False
-        if not asked.done():
-            return False
-        self._failback = None
-        if asked.result():
-            return True
-        self._failback_at = self._next_failback()
-        return False
-
-    async def _serves(self, endpoint: str) -> bool:
-        """The endpoint's gRPC health status for the heartbeat service, as its ingest keeps it (NOT_SERVING
-        while it cannot reach Redis). An endpoint without the health service is never gone back to."""
-        try:
-            async with self._channel(endpoint) as channel:
-                reply = await health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service=HEARTBEAT_SERVICE), timeout=self.rpc_timeout
-                )
-        except Exception:  # whatever went wrong in asking, the answer is "not yet", never a failed beat
-            return False
-        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-    def _stop_asking(self) -> None:
-        if self._failback is not None:
-            self._failback.cancel()
-            self._failback = None
-
-    async def _stream(self, stub: hb_grpc.HeartbeatServiceStub) -> bool:
-        """Beat over one BeatStream; True when it left it to go back to the first endpoint."""
+    async def _stream(self, stub: hb_grpc.HeartbeatServiceStub) -> None:
         call = stub.BeatStream(metadata=self._metadata())
-        # An ingest that goes away between two beats (killed, draining) ends the call under the pause:
-        # wake it, so the agent moves to another ingest now and its next beat goes out there on time,
-        # not after a reconnection that starts only when the beat is due. (A wake left by the call
-        # before this one is dropped: the first beat goes out at once anyway.)
-        assert self._wake is not None
-        self._wake.clear()
-        call.add_done_callback(lambda _: self._poke())
-
-        async def exchange(beat: hb.Heartbeat) -> Any:
-            with contextlib.suppress(asyncio.InvalidStateError):
-                # the call is over: the read below says how it ended (the ingest's status and pushback,
-                # or EOF), not grpc.aio's "RPC already finished"
-                await call.write(beat)
-            return await asyncio.wait_for(call.read(), self._reply_timeout)
-
         try:
-            return await self._beats(exchange)
+            while not self._closing:
+                await call.write(self._next_beat())
+                reply = await asyncio.wait_for(call.read(), self.rpc_timeout)
+                if reply is grpc.aio.EOF:
+                    return  # ended with OK (a draining ingest); a refusal raises from read() instead
+                self._on_reply(reply)
+                await self._pause()
         finally:
             call.cancel()
 
-    async def _unary(self, stub: hb_grpc.HeartbeatServiceStub) -> bool:
-        async def exchange(beat: hb.Heartbeat) -> Any:
-            return await stub.Beat(beat, timeout=self._reply_timeout, metadata=self._metadata())
-
-        return await self._beats(exchange)
-
-    async def _beats(self, exchange: Callable[[hb.Heartbeat], Awaitable[Any]]) -> bool:
-        """Beat over one connection, `exchange` sending a beat and returning its reply (EOF: a stream the
-        ingest ended with OK, a draining ingest; a refusal raises instead). True when it left the
-        connection to go back to the first endpoint."""
-        try:
-            while not self._closing:
-                if self._back_to_first():
-                    return True
-                sent = time.monotonic()
-                reply = await exchange(self._next_beat())
-                if reply is grpc.aio.EOF:
-                    return False
-                self._on_reply(reply, time.monotonic() - sent)
-                await self._pause()
-            return False
-        finally:
-            self._stop_asking()
+    async def _unary(self, stub: hb_grpc.HeartbeatServiceStub) -> None:
+        while not self._closing:
+            reply = await stub.Beat(self._next_beat(), timeout=self.rpc_timeout, metadata=self._metadata())
+            self._on_reply(reply)
+            await self._pause()
 
 
 def _final(exc: grpc.aio.AioRpcError) -> bool:
