@@ -23,7 +23,6 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from heartbeat_registry.beats import now_ms
 from heartbeat_registry.core import health as ops_health
@@ -38,7 +37,7 @@ from ingest import metrics, validate
 from ingest.auth import Authenticator, AuthError, AuthInterceptor, Identity, Requests
 from ingest.directives import directives_for
 from ingest.limits import RateLimiter, StreamAdmission
-from ingest.tasks import TaskService
+from ingest.tasks import UNREACHABLE, TaskService
 from ingest.writer import Batch, Overloaded, StreamWriter, Unavailable
 
 log = logging.getLogger(__name__)
@@ -145,7 +144,7 @@ class HeartbeatService(hb_grpc.HeartbeatServiceServicer):
         for confirm in confirms:
             try:
                 took_ms = await self._tasks.confirm(confirm.task_id, confirm.agent_id, confirm.epoch)
-            except (RedisError, OSError, TimeoutError) as exc:
+            except UNREACHABLE as exc:
                 # The heartbeat is stored: refusing it now would only make the agent send it again. The
                 # offer stays until it is confirmed, so the agent's next RUNNING beat confirms it (the
                 # error used to escape and end the agent's stream as INTERNAL, found by the chaos soak).

@@ -41,6 +41,8 @@ def task_message(task_id: str, record: dict[str, Any], history: list[dict[str, A
 
 
 R = TypeVar("R")
+# what the task registry (Redis) raises when it is unreachable or timing out, as redis-py and asyncio do
+UNREACHABLE = (RedisError, OSError, TimeoutError)
 
 
 def registry_errors(rpc: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
@@ -51,7 +53,7 @@ def registry_errors(rpc: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable
     async def guarded(self: Any, request: Any, context: grpc.aio.ServicerContext, identity: Identity) -> R:
         try:
             return await rpc(self, request, context, identity)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except UNREACHABLE as exc:
             metrics.TASK_CALLS.labels("unavailable").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the task registry is unreachable: {exc!r}")
             raise  # abort raises; for the type checker

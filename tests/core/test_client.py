@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 import types
+from typing import Any
 
 import grpc
 import pytest
@@ -67,6 +68,12 @@ def token(agent: str) -> str:
     return mint(SECRET.encode(), agent, 600)
 
 
+def both(ingests: tuple[Ingest, Ingest], agent: str, **options: Any) -> AsyncHeartbeatClient:
+    """A client of both replicas, the first one first."""
+    endpoints = [node.settings.grpc_addr for node in ingests]
+    return AsyncHeartbeatClient(agent, endpoints, token=token(agent), **options)
+
+
 async def test_beats_in_background_and_reports_tasks(ingest, auth_settings: Settings) -> None:
     client = AsyncHeartbeatClient("agent-c", auth_settings.grpc_addr, token=token("agent-c"), interval=0.1)
     async with client:
@@ -110,10 +117,9 @@ async def test_resumes_after_ingest_restart(auth_settings: Settings) -> None:
 
 async def test_fails_over_between_endpoints(two_ingests: tuple[Ingest, Ingest]) -> None:
     first, second = two_ingests
-    client = AsyncHeartbeatClient(
+    client = both(
+        two_ingests,
         "agent-f",
-        [first.settings.grpc_addr, second.settings.grpc_addr],
-        token=token("agent-f"),
         interval=0.1,
         backoff_initial=0.05,
     )
@@ -132,10 +138,9 @@ async def test_goes_straight_to_the_other_endpoint_when_one_refuses(two_ingests:
     link was cut lost one more beat to the retry)."""
     first, second = two_ingests
     refused = ("hbreg_ingest_heartbeats_refused_total", {"rpc": "stream", "reason": "redis_unavailable"})
-    client = AsyncHeartbeatClient(
+    client = both(
+        two_ingests,
         "agent-g",
-        [first.settings.grpc_addr, second.settings.grpc_addr],
-        token=token("agent-g"),
         interval=0.1,
         backoff_initial=0.2,
     )
@@ -160,10 +165,9 @@ async def test_a_beat_left_unanswered_is_sent_again_to_the_other_endpoint(two_in
     first, second = two_ingests
     sent: dict[int, float] = {}
     answered: dict[int, float] = {}
-    client = AsyncHeartbeatClient(
+    client = both(
+        two_ingests,
         "agent-h",
-        [first.settings.grpc_addr, second.settings.grpc_addr],
-        token=token("agent-h"),
         interval=0.5,
         rpc_timeout=0.3,
         on_sent=lambda beat: sent.setdefault(beat.seq, time.monotonic()),
