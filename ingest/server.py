@@ -201,7 +201,7 @@ class HeartbeatService(hb_grpc.HeartbeatServiceServicer):
                 # every few hundred ms, and slots spent on streams that cannot store anything pushed the
                 # slots promised to the crowd seconds past the outage (found by the chaos soak: a 5 s
                 # Valkey restart left 587 agents waiting long enough to be stalled).
-                self._writer.check(1)
+                await self._writer.ready(1)
             except (Overloaded, Unavailable) as exc:
                 await self._refuse(context, "stream", _refusal(exc))
             # Admitted or refused once its first heartbeat is read: the client then waits in its read of
@@ -262,8 +262,9 @@ class RedisWatch:
             if up and ticks % 20 == 0:
                 await self._stream_lengths()
             ticks += 1
+            # while Redis is out, calls wait for it (StreamWriter's hold): ask again sooner
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=0.25)
+                await asyncio.wait_for(stop.wait(), timeout=0.25 if up else 0.05)
 
     async def _stream_lengths(self) -> None:
         try:
@@ -327,7 +328,9 @@ class Ingest:
         self.redis = redis_client.connect(
             settings, socket_timeout=1.0, socket_connect_timeout=1.0, retry_on_timeout=False
         )
-        self.writer = StreamWriter(self.redis, names, settings.stream_retention, settings.max_pending)
+        self.writer = StreamWriter(
+            self.redis, names, settings.stream_retention, settings.max_pending, settings.redis_hold
+        )
         self.server = grpc.aio.server(
             interceptors=[AuthInterceptor(authenticator, (HEARTBEAT_SERVICE, TASK_SERVICE))],
             options=grpc_options(settings),

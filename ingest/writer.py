@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -121,7 +122,14 @@ class StreamWriter:
     (always on one shard) are written in order, while the shards' calls overlap with each other and with
     the Python work of the next calls."""
 
-    def __init__(self, client: aioredis.Redis, names: Names, retention_s: float, max_pending: int = 200_000) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        names: Names,
+        retention_s: float,
+        max_pending: int = 200_000,
+        hold_s: float = 0.5,
+    ) -> None:
         self._redis = client
         self._names = names
         self._retention_ms = int(retention_s * 1000)
@@ -137,9 +145,21 @@ class StreamWriter:
         self._pending = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
-        # False from a failed write until Redis answers a PING again: refuse at once meanwhile,
-        # instead of letting every call wait for its own connection timeout.
-        self.available = True
+        self._hold_s = hold_s
+        # set while Redis answers; cleared from a failed write until it answers a PING again (`available`)
+        self._up = asyncio.Event()
+        self._up.set()
+
+    @property
+    def available(self) -> bool:
+        return self._up.is_set()
+
+    @available.setter
+    def available(self, up: bool) -> None:
+        if up:
+            self._up.set()
+        else:
+            self._up.clear()
 
     def batch(self, received: int) -> Batch:
         return Batch(self._names.shards, received)
@@ -155,6 +175,24 @@ class StreamWriter:
         for wakeup in self._wakeups:
             wakeup.set()
         await asyncio.gather(*self._tasks)
+
+    async def ready(self, count: int) -> None:
+        """Raise what storing `count` more heartbeats would raise (Unavailable, Overloaded), once Redis
+        answers or has been out for `hold_s` more."""
+        if not self._up.is_set():
+            await self._hold()
+        self.check(count)
+
+    async def _hold(self) -> None:
+        """Redis is out (a write failed, or the watch's PING): wait up to `hold_s` for it to answer again
+        before refusing. A restart of Redis is over in well under a second, and each refusal sends its agent
+        to open a new call: refused at once, every agent opened one every few hundred ms, and the crowd of
+        calls kept the ingests' cores busy for a second after Redis was back (found by the chaos soak). A
+        call that waits costs nothing meanwhile, and its heartbeat is stored as soon as Redis answers."""
+        if self._closing:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._up.wait(), self._hold_s)
 
     def check(self, count: int) -> None:
         """Raise what storing `count` more heartbeats now would raise (Unavailable, Overloaded)."""
@@ -178,6 +216,8 @@ class StreamWriter:
     ) -> TaskNews:
         """Store one heartbeat (the fields as `Batch.add` takes them); returns the fences and offers of the
         agents of its round trip, its own among them if it has any."""
+        if not self._up.is_set():
+            await self._hold()
         self.check(1)
         shard = partition_of(agent, self._names.shards)
         queue = self._queues[shard]
@@ -205,7 +245,7 @@ class StreamWriter:
 
     async def write(self, batch: Batch) -> TaskNews:
         """Store `batch`; returns, for its agents that have any, their fences and the tasks offered to them."""
-        self.check(batch.count)
+        await self.ready(batch.count)
         future: asyncio.Future[TaskNews] = asyncio.get_running_loop().create_future()
         write = _Write(future, len(batch.shards), batch.count)
         self._pending += batch.count

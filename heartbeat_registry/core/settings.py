@@ -222,6 +222,9 @@ class Settings:
     max_message_bytes: int = _field(4 * 1024 * 1024, "count", "largest gRPC request accepted")
     max_clock_skew: float = _field(3600.0, "seconds", "agent timestamps further off the server clock are refused")
     max_pending: int = _field(200_000, "count", "heartbeats waiting for Redis before the ingest refuses more")
+    redis_hold: float = _field(
+        0.5, "seconds", "how long a heartbeat that arrives while Redis is out waits for it before it is refused"
+    )
     stream_open_rate: float = _field(
         1000.0, "positive", "new BeatStreams per second one ingest process takes on; more are refused with a pushback"
     )
