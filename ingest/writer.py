@@ -185,10 +185,11 @@ class StreamWriter:
 
     async def _hold(self) -> None:
         """Redis is out (a write failed, or the watch's PING): wait up to `hold_s` for it to answer again
-        before refusing. A restart of Redis is over in well under a second, and each refusal sends its agent
-        to open a new call: refused at once, every agent opened one every few hundred ms, and the crowd of
-        calls kept the ingests' cores busy for a second after Redis was back (found by the chaos soak). A
-        call that waits costs nothing meanwhile, and its heartbeat is stored as soon as Redis answers."""
+        before refusing. Valkey restarts in well under a second while its data set is small, and each
+        refusal sends its agent to open a new call: refused at once, every agent opened one every few
+        hundred ms, and the crowd of calls kept the ingests' cores busy for a second after Valkey was back
+        (found by the chaos soak). A call that waits costs nothing meanwhile, and its heartbeat is stored
+        as soon as Redis answers."""
         if self._closing:
             return
         with contextlib.suppress(TimeoutError):
