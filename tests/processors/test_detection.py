@@ -117,8 +117,14 @@ async def test_paused_bridge_raises_pipeline_lag_not_stalls(pipeline_settings: S
         events = await events_now(settings)
     assert not fleet.errors
     assert [e.agent_id for e in of_type(events, hb.STALL)] == ["p29"] and of_type(events, hb.MASS_SILENCE) == []
-    kinds = [e.type for e in events if e.type in (hb.PIPELINE_LAG, hb.PIPELINE_CAUGHT_UP)]
-    assert kinds == [hb.PIPELINE_LAG, hb.PIPELINE_CAUGHT_UP]
+    lag = [e for e in events if e.type in (hb.PIPELINE_LAG, hb.PIPELINE_CAUGHT_UP)]
+    assert [e.type for e in lag] == [hb.PIPELINE_LAG, hb.PIPELINE_CAUGHT_UP]
+    # the ids name the partitions the worker judges (every partition here: it is the only worker)
+    owned = "-".join(map(str, range(settings.topic_partitions)))
+    assert [e.event_id for e in lag] == [
+        f"lag:{owned}:{lag[0].detected_at_ms}",
+        f"lag:{owned}:{lag[1].detected_at_ms}:cleared",
+    ]
 
 
 async def test_a_redis_restart_stalls_only_an_agent_that_died_meanwhile(pipeline_settings: Settings, tmp_path) -> None:

@@ -9,6 +9,7 @@ import pytest
 from heartbeat_registry.core.views import ALIVE, LEFT, RECOVERED, STALLED, phi
 from heartbeat_registry.core.windowstats import WindowStats
 from heartbeat_registry.pb import hb
+from processors.app import lag_event_id
 from processors.liveness import Agent, Liveness, Rules
 
 
@@ -247,3 +248,11 @@ def test_a_restored_partition_keeps_the_deadlines_of_its_last_gap() -> None:
         restored.restore([Agent.load("a0", live.agents["a0"].dump())], 16_000, {}, {}, gap_end)
         assert restored.advance(stalled_at - 100) == []
         assert [e.agent_id for e in restored.advance(stalled_at)] == ["a0"]
+
+
+def test_two_workers_lagging_in_the_same_millisecond_raise_distinct_events() -> None:
+    """Each worker raises its own pipeline_lag; the chaos soak once saw two of them in one millisecond,
+    which shared the id `lag:<ms>` and so read as one event sent twice."""
+    assert lag_event_id([0, 2, 4, 6], 1000) != lag_event_id([1, 3, 5, 7], 1000)
+    assert lag_event_id({6, 0, 2, 4}, 1000) == "lag:0-2-4-6:1000"
+    assert lag_event_id([1, 3], 1000, cleared=True) == "lag:1-3:1000:cleared"
