@@ -217,7 +217,7 @@ class StreamWriter:
     ) -> TaskNews:
         """Store one heartbeat (the fields as `Batch.add` takes them); returns the fences and offers of the
         agents of its round trip, its own among them if it has any."""
-        if not self._up.is_set():
+        if not self._up.is_set():  # ready(1), inlined: this is the per-heartbeat path
             await self._hold()
         self.check(1)
         shard = partition_of(agent, self._names.shards)
